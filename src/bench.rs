@@ -1,0 +1,137 @@
+//! `flukeid bench`: milliseconds per image for the embedding at batch 1
+//! and batch 8, and the latency of one identify request through the HTTP
+//! service, measured in interleaved rounds so that a slow stretch of the
+//! machine hits every figure alike. Nothing here asserts a time.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Device;
+use image::{Rgb, RgbImage};
+
+use crate::embed::Embedder;
+use crate::http::{self, ServeOptions, Service};
+use crate::identify::Identifier;
+use crate::ingest::{self, IngestOptions};
+use crate::photo::InputSize;
+
+/// A deterministic fluke-like picture: a dark wide shape on a bright sea,
+/// with white spots placed by `seed`. Used by the benchmark and tests.
+pub fn synthetic_fluke(seed: u32, width: u32, height: u32) -> RgbImage {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        state
+    };
+    let spots: Vec<(f32, f32, f32)> = (0..12)
+        .map(|_| {
+            let x = (next() % 1000) as f32 / 1000.0;
+            let y = (next() % 1000) as f32 / 1000.0;
+            let r = 0.02 + (next() % 100) as f32 / 2000.0;
+            (x, y, r)
+        })
+        .collect();
+    RgbImage::from_fn(width, height, |x, y| {
+        let u = x as f32 / width as f32;
+        let v = y as f32 / height as f32;
+        // Two lobes meeting in a notch at the centre.
+        let lobe = (v - 0.35 - 0.25 * (2.0 * (u - 0.5)).powi(2)).abs() < 0.18 && (0.08..0.92).contains(&u);
+        if !lobe {
+            return Rgb([70, 110, 150]);
+        }
+        let spotted = spots.iter().any(|(sx, sy, r)| {
+            let dx = u - sx;
+            let dy = (v - sy) * 0.5;
+            dx * dx + dy * dy < r * r
+        });
+        if spotted {
+            Rgb([235, 235, 230])
+        } else {
+            Rgb([25, 25, 30])
+        }
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the benchmark and prints its figures.
+pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let rounds = rounds.max(1);
+    let input = InputSize::default();
+    let embedder = Embedder::load(models, input, &Device::Cpu)?;
+    let images: Vec<RgbImage> = (0..8).map(|i| synthetic_fluke(i, 1050, 700)).collect();
+    let inputs: Vec<Vec<f32>> = images.iter().map(|i| embedder.prepare(i)).collect();
+
+    // A catalog of synthetic sightings for the request measurement.
+    let scratch = std::env::temp_dir().join(format!("flukeid-bench-{}", std::process::id()));
+    let photos = scratch.join("photos");
+    std::fs::create_dir_all(&photos)?;
+    let mut labels = String::from("Image,Id\n");
+    for i in 0..32 {
+        let name = format!("s{i}.png");
+        synthetic_fluke(100 + i, 640, 320).save(photos.join(&name))?;
+        labels.push_str(&format!("{name},w_{}\n", i / 2));
+    }
+    std::fs::write(scratch.join("labels.csv"), labels)?;
+    let catalog = scratch.join("catalog");
+    ingest::ingest_folder(&embedder, &photos, &scratch.join("labels.csv"), &catalog, &IngestOptions::default())?;
+    let identifier = Identifier::open(&catalog, embedder.clone(), None)?;
+    let service = Service::new(ServeOptions::default());
+    service.set_ready(identifier);
+    let mut jpeg = Vec::new();
+    synthetic_fluke(7, 1050, 700).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)?;
+
+    let system = actix_web::rt::System::new();
+    let app = system.block_on(actix_web::test::init_service(
+        actix_web::App::new().configure(http::configure(service.clone())),
+    ));
+    let request = |body: &[u8]| {
+        let boundary = "flukeidbench";
+        let mut payload = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"
+        )
+        .into_bytes();
+        payload.extend_from_slice(body);
+        payload.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        actix_web::test::TestRequest::post()
+            .uri("/v1/identify")
+            .insert_header(("content-type", format!("multipart/form-data; boundary={boundary}")))
+            .set_payload(payload)
+            .to_request()
+    };
+
+    // Warm-up: first passes allocate and fault in the weights.
+    embedder.embed_inputs(&inputs[..1])?;
+    embedder.embed_inputs(&inputs)?;
+
+    let (mut single, mut batched, mut requests) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        embedder.embed_inputs(&inputs[..1])?;
+        single.push(t.elapsed().as_secs_f64() * 1e3);
+
+        let t = Instant::now();
+        embedder.embed_inputs(&inputs)?;
+        batched.push(t.elapsed().as_secs_f64() * 1e3 / inputs.len() as f64);
+
+        let t = Instant::now();
+        let response = system.block_on(actix_web::test::call_service(&app, request(&jpeg)));
+        if !response.status().is_success() {
+            return Err(format!("identify request failed with {}", response.status()).into());
+        }
+        requests.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    let (b1, b8, req) = (median(single), median(batched), median(requests));
+    println!("flukeid bench: {rounds} interleaved rounds, median, input {input}, {} rayon threads", rayon::current_num_threads());
+    println!("embed batch 1      {b1:9.1} ms/image");
+    println!("embed batch 8      {b8:9.1} ms/image  ({:.2}x batch 1)", b8 / b1);
+    println!("identify request   {req:9.1} ms        ({:.2}x embed batch 1; 1050x700 JPEG, 32-sighting catalog)", req / b1);
+    Ok(())
+}

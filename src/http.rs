@@ -1,0 +1,557 @@
+//! The HTTP service.
+//!
+//! Handlers only unpack the request, call the layer below and shape the
+//! answer; every failure becomes an [`ApiError`], which is the one place
+//! that picks the status code and writes the JSON body
+//! `{"error": ..., "code": ...}`.
+//!
+//! The model runs on its own thread, fed through a bounded queue: an HTTP
+//! worker never blocks on inference, concurrent requests are embedded
+//! together in batches of up to [`MAX_BATCH`], and when the queue is full the
+//! service answers 503 with `Retry-After` instead of queueing without bound.
+//! Photos are decoded on actix's blocking pool.
+
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
+
+use actix_multipart::Multipart;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use futures_util::StreamExt;
+use image::RgbImage;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::catalog::Sighting;
+use crate::identify::{Identifier, Prediction};
+use crate::photo::{self, DecodeLimits, PhotoError};
+
+/// Largest number of queued photos embedded in one forward pass.
+pub const MAX_BATCH: usize = 8;
+
+/// Limits and sizes of the service.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
+    pub decode: DecodeLimits,
+    /// Photos that may wait for the model before new ones are refused.
+    pub queue: usize,
+    /// HTTP worker threads.
+    pub workers: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            body_limit: 20 * 1024 * 1024,
+            decode: DecodeLimits::default(),
+            queue: 32,
+            workers: 2,
+        }
+    }
+}
+
+/// Every way a request can fail, each with its status and code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("multipart field `image` is missing")]
+    MissingImage,
+    #[error("send exactly one file in field `image`; this request has {0}")]
+    TooManyFiles(usize),
+    #[error("request body is over the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error(transparent)]
+    Photo(#[from] PhotoError),
+    #[error("no whale with id {0:?} in the catalog")]
+    UnknownWhale(String),
+    #[error("no such route: {0}")]
+    NoRoute(String),
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(String),
+    #[error("not ready: {0}")]
+    NotReady(String),
+    #[error("the model is busy; retry shortly")]
+    Busy,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// A stable machine-readable code.
+    pub code: String,
+}
+
+impl ApiError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::MissingImage => "missing_image",
+            Self::TooManyFiles(_) => "too_many_files",
+            Self::TooLarge { .. } => "body_too_large",
+            Self::Photo(PhotoError::UnknownFormat) => "unsupported_media_type",
+            Self::Photo(PhotoError::Empty) => "empty_image",
+            Self::Photo(PhotoError::TooLarge { .. }) => "image_too_large",
+            Self::Photo(PhotoError::Animated) => "animated_image",
+            Self::Photo(PhotoError::Corrupt(_)) => "undecodable_image",
+            Self::UnknownWhale(_) => "unknown_whale",
+            Self::NoRoute(_) => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::NotReady(_) => "not_ready",
+            Self::Busy => "busy",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::MissingImage | Self::TooManyFiles(_) => StatusCode::BAD_REQUEST,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Photo(PhotoError::UnknownFormat) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Photo(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::UnknownWhale(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotReady(_) | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, Self::Busy | Self::NotReady(_)) {
+            response.insert_header((header::RETRY_AFTER, "1"));
+        }
+        response.json(ErrorBody {
+            error: self.to_string(),
+            code: self.code().to_owned(),
+        })
+    }
+}
+
+/// One photo waiting for the model.
+struct Job {
+    image: RgbImage,
+    queued: Instant,
+    reply: oneshot::Sender<Result<Inference, String>>,
+}
+
+/// What the model thread answers for one photo.
+struct Inference {
+    predictions: Vec<Prediction>,
+    queue_ms: f64,
+    inference_ms: f64,
+    batch: usize,
+}
+
+/// The state the handlers share.
+pub struct Service {
+    identifier: OnceLock<Arc<Identifier>>,
+    load_error: RwLock<Option<String>>,
+    jobs: SyncSender<Job>,
+    options: ServeOptions,
+}
+
+impl Service {
+    /// Starts the model thread. The service answers 503 until
+    /// [`Service::set_ready`] hands it an identifier.
+    pub fn new(options: ServeOptions) -> Arc<Self> {
+        let (jobs, queue) = mpsc::sync_channel(options.queue.max(1));
+        let service = Arc::new(Self {
+            identifier: OnceLock::new(),
+            load_error: RwLock::new(None),
+            jobs,
+            options,
+        });
+        let worker = Arc::downgrade(&service);
+        std::thread::Builder::new()
+            .name("flukeid-model".into())
+            .spawn(move || run_model(worker, queue))
+            .expect("model thread starts");
+        service
+    }
+
+    /// Makes the service ready with a loaded catalog and model.
+    pub fn set_ready(&self, identifier: Identifier) {
+        tracing::info!(
+            sightings = identifier.sightings(),
+            whales = identifier.whales(),
+            threshold = identifier.threshold(),
+            backbone_sha256 = %identifier.embedder().fingerprint().backbone_sha256,
+            "ready"
+        );
+        let _ = self.identifier.set(Arc::new(identifier));
+    }
+
+    /// Records why loading failed; `/readyz` reports it.
+    pub fn set_failed(&self, reason: String) {
+        tracing::error!(%reason, "model or catalog failed to load");
+        *self.load_error.write().expect("lock") = Some(reason);
+    }
+
+    fn identifier(&self) -> Result<&Arc<Identifier>, ApiError> {
+        self.identifier.get().ok_or_else(|| {
+            let reason = self.load_error.read().expect("lock").clone();
+            ApiError::NotReady(reason.unwrap_or_else(|| "model and catalog are loading".into()))
+        })
+    }
+}
+
+/// The model thread: takes the first waiting photo, any others already
+/// queued up to [`MAX_BATCH`], and embeds them in one pass.
+fn run_model(service: std::sync::Weak<Service>, queue: Receiver<Job>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(service) = service.upgrade() else {
+            return;
+        };
+        let Some(identifier) = service.identifier.get().cloned() else {
+            for job in batch {
+                let _ = job.reply.send(Err("not ready".into()));
+            }
+            continue;
+        };
+        drop(service);
+
+        let started = Instant::now();
+        let size = batch.len();
+        let (images, meta): (Vec<RgbImage>, Vec<_>) = batch.into_iter().map(|j| (j.image, (j.queued, j.reply))).unzip();
+        let result = identifier.identify_images(&images);
+        let inference_ms = ms(started);
+        match result {
+            Ok(all) => {
+                for (predictions, (queued, reply)) in all.into_iter().zip(meta) {
+                    let _ = reply.send(Ok(Inference {
+                        predictions,
+                        queue_ms: (started - queued).as_secs_f64() * 1e3,
+                        inference_ms,
+                        batch: size,
+                    }));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in meta {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Where the time of one identification went.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Timings {
+    /// Reading the upload.
+    pub upload_ms: f64,
+    /// Decoding and checking the photo.
+    pub decode_ms: f64,
+    /// Waiting for the model.
+    pub queue_ms: f64,
+    /// Embedding the batch this photo was in, and the index search.
+    pub inference_ms: f64,
+    pub total_ms: f64,
+    /// Photos in the batch this one was embedded with.
+    pub batch: usize,
+}
+
+/// The catalog the answer came from.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CatalogSummary {
+    pub sightings: usize,
+    pub whales: usize,
+}
+
+/// The answer to an identification.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IdentifyResponse {
+    /// Five answers, most likely first (fewer only when the catalog holds
+    /// fewer than four whales).
+    pub predictions: Vec<Prediction>,
+    /// The similarity under which `new_whale` is ranked above a whale.
+    pub threshold: f32,
+    pub catalog: CatalogSummary,
+    pub timings: Timings,
+}
+
+/// The multipart form of an identification request.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct IdentifyForm {
+    /// One photo of a fluke: JPEG, PNG, WebP, GIF (single frame), TIFF or BMP.
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+}
+
+/// A whale's catalogued sightings.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WhaleResponse {
+    pub whale_id: String,
+    pub sightings: Vec<Sighting>,
+}
+
+/// Liveness and readiness.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sightings: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub whales: Option<usize>,
+}
+
+/// Identify the whale in a fluke photo.
+#[utoipa::path(
+    post,
+    path = "/v1/identify",
+    request_body(content = IdentifyForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Five most likely whale ids", body = IdentifyResponse),
+        (status = 400, description = "Malformed request, missing or repeated `image` field", body = ErrorBody),
+        (status = 413, description = "Body over the limit", body = ErrorBody),
+        (status = 415, description = "Not an image format flukeid reads", body = ErrorBody),
+        (status = 422, description = "Undecodable, animated, or over the pixel limit", body = ErrorBody),
+        (status = 503, description = "Not ready, or the model queue is full (see Retry-After)", body = ErrorBody),
+    )
+)]
+async fn identify(
+    service: web::Data<Service>,
+    request: HttpRequest,
+    payload: Multipart,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let identifier = service.identifier()?.clone();
+    let limit = service.options.body_limit;
+    if let Some(length) = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+    {
+        if length > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+    }
+    let bytes = read_image_field(payload, limit).await?;
+    let upload_ms = ms(started);
+
+    let decode_started = Instant::now();
+    let limits = service.options.decode;
+    let image = web::block(move || photo::decode(&bytes, limits))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let decode_ms = ms(decode_started);
+
+    let (reply, answer) = oneshot::channel();
+    let job = Job {
+        image,
+        queued: Instant::now(),
+        reply,
+    };
+    match service.jobs.try_send(job) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => return Err(ApiError::Busy),
+        Err(TrySendError::Disconnected(_)) => return Err(ApiError::Internal("model thread stopped".into())),
+    }
+    let inference = answer
+        .await
+        .map_err(|_| ApiError::Internal("model thread dropped the request".into()))?
+        .map_err(ApiError::Internal)?;
+
+    Ok(HttpResponse::Ok().json(IdentifyResponse {
+        predictions: inference.predictions,
+        threshold: identifier.threshold(),
+        catalog: CatalogSummary {
+            sightings: identifier.sightings(),
+            whales: identifier.whales(),
+        },
+        timings: Timings {
+            upload_ms,
+            decode_ms,
+            queue_ms: inference.queue_ms,
+            inference_ms: inference.inference_ms,
+            total_ms: ms(started),
+            batch: inference.batch,
+        },
+    }))
+}
+
+/// Reads the one file of field `image`, counting every byte of the body
+/// against `limit`. Other non-file fields are ignored.
+async fn read_image_field(mut payload: Multipart, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut image: Option<Vec<u8>> = None;
+    let mut files = 0;
+    let mut total = 0usize;
+    while let Some(field) = payload.next().await {
+        let mut field = field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let name = field.content_disposition().and_then(|d| d.get_name()).unwrap_or_default().to_owned();
+        let is_file = field
+            .content_disposition()
+            .is_some_and(|d| d.get_filename().is_some());
+        if name == "image" || is_file {
+            files += 1;
+        }
+        let mut data = Vec::new();
+        while let Some(chunk) = field.next().await {
+            let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+            total += chunk.len();
+            if total > limit {
+                return Err(ApiError::TooLarge { limit });
+            }
+            data.extend_from_slice(&chunk);
+        }
+        if name == "image" && image.is_none() {
+            image = Some(data);
+        }
+    }
+    if files > 1 {
+        return Err(ApiError::TooManyFiles(files));
+    }
+    image.ok_or(ApiError::MissingImage)
+}
+
+/// The catalogued sightings of one whale.
+#[utoipa::path(
+    get,
+    path = "/v1/whales/{whale_id}",
+    params(("whale_id" = String, Path, description = "A catalogued whale id")),
+    responses(
+        (status = 200, description = "The whale's sightings, oldest first", body = WhaleResponse),
+        (status = 404, description = "No such whale", body = ErrorBody),
+        (status = 503, description = "Not ready", body = ErrorBody),
+    )
+)]
+async fn whale(service: web::Data<Service>, whale_id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let identifier = service.identifier()?;
+    let whale_id = whale_id.into_inner();
+    let sightings = identifier.whale_sightings(&whale_id);
+    if sightings.is_empty() {
+        return Err(ApiError::UnknownWhale(whale_id));
+    }
+    Ok(HttpResponse::Ok().json(WhaleResponse { whale_id, sightings }))
+}
+
+/// Alive: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health {
+        status: "alive".into(),
+        sightings: None,
+        whales: None,
+    })
+}
+
+/// Ready: the model and the catalog are loaded.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    responses(
+        (status = 200, body = Health),
+        (status = 503, description = "Still loading, or loading failed", body = ErrorBody),
+    )
+)]
+async fn readyz(service: web::Data<Service>) -> Result<HttpResponse, ApiError> {
+    let identifier = service.identifier()?;
+    Ok(HttpResponse::Ok().json(Health {
+        status: "ready".into(),
+        sightings: Some(identifier.sightings()),
+        whales: Some(identifier.whales()),
+    }))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "The OpenAPI document")))]
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(openapi_document())
+}
+
+async fn no_route(request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NoRoute(format!("{} {}", request.method(), request.path())))
+}
+
+async fn wrong_method(request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed(format!("{} {}", request.method(), request.path())))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "flukeid",
+        description = "Identify individual humpback whales from photos of their tail flukes."
+    ),
+    paths(identify, whale, healthz, readyz, openapi_json),
+    components(schemas(IdentifyResponse, Prediction, Sighting, Timings, CatalogSummary, WhaleResponse, Health, ErrorBody, IdentifyForm))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document, as committed in `api-spec/openapi.json`.
+pub fn openapi_document() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    let mut json = doc.to_pretty_json().expect("OpenAPI document serialises");
+    json.push('\n');
+    json
+}
+
+/// Logs one line per request with its status and duration.
+async fn log_request(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.path().to_owned();
+    let response = next.call(request).await?;
+    tracing::info!(%method, %path, status = response.status().as_u16(), ms = format!("{:.1}", ms(started)), "request");
+    Ok(response)
+}
+
+/// Registers the routes on an actix app.
+pub fn configure(service: Arc<Service>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |config| {
+        config
+            .app_data(web::Data::from(service))
+            .service(web::resource("/v1/identify").route(web::post().to(identify)).default_service(web::to(wrong_method)))
+            .service(web::resource("/v1/whales/{whale_id}").route(web::get().to(whale)).default_service(web::to(wrong_method)))
+            .service(web::resource("/v1/openapi.json").route(web::get().to(openapi_json)).default_service(web::to(wrong_method)))
+            .service(web::resource("/healthz").route(web::get().to(healthz)).default_service(web::to(wrong_method)))
+            .service(web::resource("/readyz").route(web::get().to(readyz)).default_service(web::to(wrong_method)))
+            .default_service(web::to(no_route));
+    }
+}
+
+/// Runs the server until it is stopped.
+pub async fn serve(service: Arc<Service>, bind: &str) -> std::io::Result<()> {
+    let workers = service.options.workers;
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(actix_web::middleware::from_fn(log_request))
+            .configure(configure(service.clone()))
+    })
+    .workers(workers)
+    .bind(bind)?;
+    for address in server.addrs() {
+        tracing::info!(%address, "listening");
+    }
+    server.run().await
+}

@@ -1,0 +1,191 @@
+//! Turning uploaded bytes into the network's input: format sniffing, a pixel
+//! limit checked before anything is decoded, EXIF orientation, conversion of
+//! grayscale, 16-bit, alpha and CMYK images to 8-bit RGB, and the resize to
+//! the model's input size.
+
+use std::io::Cursor;
+
+use candle_core::{Device, Tensor};
+use image::codecs::gif::GifDecoder;
+use image::imageops::FilterType;
+use image::{AnimationDecoder, DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
+
+/// Limits applied before a photo is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest accepted width × height.
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    /// 64 megapixels: larger than any camera photo in the Kaggle set, small
+    /// enough that one decode cannot exhaust memory.
+    fn default() -> Self {
+        Self {
+            max_pixels: 64_000_000,
+        }
+    }
+}
+
+/// Why a photo could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PhotoError {
+    #[error("the file is empty")]
+    Empty,
+    #[error("not an image in a supported format (JPEG, PNG, WebP, GIF, TIFF, BMP)")]
+    UnknownFormat,
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit}")]
+    TooLarge {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
+    #[error("animated image with more than one frame; send a single still photo")]
+    Animated,
+    #[error("the image could not be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// The network's input size in pixels. Both sides must be multiples of 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InputSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Default for InputSize {
+    /// Twice as wide as high, close to the shape of a fluke (median box
+    /// aspect in the Kaggle set is 3.2) without starving the height.
+    fn default() -> Self {
+        Self {
+            width: 448,
+            height: 224,
+        }
+    }
+}
+
+impl std::fmt::Display for InputSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+impl std::str::FromStr for InputSize {
+    type Err = String;
+
+    /// Parses `WIDTHxHEIGHT`, e.g. `448x224`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (w, h) = s
+            .split_once(['x', 'X'])
+            .ok_or_else(|| format!("expected WIDTHxHEIGHT, got {s:?}"))?;
+        let parse = |v: &str| v.trim().parse::<u32>().map_err(|e| format!("{v:?}: {e}"));
+        let size = Self {
+            width: parse(w)?,
+            height: parse(h)?,
+        };
+        if size.width == 0 || size.height == 0 || size.width % 32 != 0 || size.height % 32 != 0 {
+            return Err(format!("{s}: both sides must be positive multiples of 32"));
+        }
+        Ok(size)
+    }
+}
+
+/// Decodes a photo to 8-bit RGB with its EXIF orientation applied.
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, PhotoError> {
+    if bytes.is_empty() {
+        return Err(PhotoError::Empty);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| PhotoError::Corrupt(e.to_string()))?;
+    let format = reader.format().ok_or(PhotoError::UnknownFormat)?;
+    if format == ImageFormat::Gif && gif_frames(bytes)? > 1 {
+        return Err(PhotoError::Animated);
+    }
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills a cut-off scan with grey and reports
+        // success; a half photo would then be matched as if it were whole.
+        return Err(PhotoError::Corrupt("JPEG data ends before the image does (truncated file)".into()));
+    }
+
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
+        return Err(PhotoError::TooLarge {
+            width,
+            height,
+            pixels,
+            limit: limits.max_pixels,
+        });
+    }
+    let orientation = decoder.orientation().map_err(corrupt)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    image.apply_orientation(orientation);
+    Ok(image.into_rgb8())
+}
+
+fn corrupt(e: image::ImageError) -> PhotoError {
+    match e {
+        image::ImageError::Unsupported(_) => PhotoError::UnknownFormat,
+        other => PhotoError::Corrupt(other.to_string()),
+    }
+}
+
+/// True when an end-of-image marker follows the last start-of-scan marker.
+/// Entropy-coded data escapes 0xFF bytes, so neither marker can appear
+/// inside a scan; an EXIF thumbnail's markers all come before the main
+/// image's scans.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == marker);
+    match (last(0xDA), last(0xD9)) {
+        (Some(scan), Some(end)) => end > scan,
+        _ => false,
+    }
+}
+
+/// Counts a GIF's frames, stopping at two.
+fn gif_frames(bytes: &[u8]) -> Result<usize, PhotoError> {
+    let decoder = GifDecoder::new(Cursor::new(bytes)).map_err(corrupt)?;
+    let mut count = 0;
+    for frame in decoder.into_frames().take(2) {
+        frame.map_err(corrupt)?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Resizes to the input size (the aspect ratio is not kept: a fluke crop is
+/// stretched to fill the frame, as in the Kaggle solutions) and scales each
+/// value `v` to `(v − 127) / 128`, the TF Lite convention these weights were
+/// trained with. Returns `[3, height, width]` values in CHW order.
+pub fn to_chw(image: &RgbImage, size: InputSize) -> Vec<f32> {
+    let (w, h) = (size.width, size.height);
+    // A box-filter pre-shrink keeps big camera frames cheap; the final
+    // triangle filter then only sees about twice the target size.
+    let resized = if image.width() > 4 * w && image.height() > 4 * h {
+        let coarse = image::imageops::thumbnail(image, 2 * w, 2 * h);
+        image::imageops::resize(&coarse, w, h, FilterType::Triangle)
+    } else {
+        image::imageops::resize(image, w, h, FilterType::Triangle)
+    };
+    let plane = (w * h) as usize;
+    let mut out = vec![0f32; 3 * plane];
+    for (i, pixel) in resized.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = (f32::from(pixel[c]) - 127.0) / 128.0;
+        }
+    }
+    out
+}
+
+/// Stacks CHW inputs into one `[batch, 3, height, width]` tensor.
+pub fn batch_tensor(inputs: &[Vec<f32>], size: InputSize, device: &Device) -> candle_core::Result<Tensor> {
+    let flat: Vec<f32> = inputs.iter().flatten().copied().collect();
+    Tensor::from_vec(
+        flat,
+        (inputs.len(), 3, size.height as usize, size.width as usize),
+        device,
+    )
+}
