@@ -39,13 +39,55 @@ struct Stage {
 }
 
 const STAGES: [Stage; 7] = [
-    Stage { expand: 1, kernel: 3, stride: 1, out: 16, repeats: 1 },
-    Stage { expand: 6, kernel: 3, stride: 2, out: 24, repeats: 2 },
-    Stage { expand: 6, kernel: 5, stride: 2, out: 40, repeats: 2 },
-    Stage { expand: 6, kernel: 3, stride: 2, out: 80, repeats: 3 },
-    Stage { expand: 6, kernel: 5, stride: 1, out: 112, repeats: 3 },
-    Stage { expand: 6, kernel: 5, stride: 2, out: 192, repeats: 4 },
-    Stage { expand: 6, kernel: 3, stride: 1, out: 320, repeats: 1 },
+    Stage {
+        expand: 1,
+        kernel: 3,
+        stride: 1,
+        out: 16,
+        repeats: 1,
+    },
+    Stage {
+        expand: 6,
+        kernel: 3,
+        stride: 2,
+        out: 24,
+        repeats: 2,
+    },
+    Stage {
+        expand: 6,
+        kernel: 5,
+        stride: 2,
+        out: 40,
+        repeats: 2,
+    },
+    Stage {
+        expand: 6,
+        kernel: 3,
+        stride: 2,
+        out: 80,
+        repeats: 3,
+    },
+    Stage {
+        expand: 6,
+        kernel: 5,
+        stride: 1,
+        out: 112,
+        repeats: 3,
+    },
+    Stage {
+        expand: 6,
+        kernel: 5,
+        stride: 2,
+        out: 192,
+        repeats: 4,
+    },
+    Stage {
+        expand: 6,
+        kernel: 3,
+        stride: 1,
+        out: 320,
+        repeats: 1,
+    },
 ];
 
 const STEM_CHANNELS: usize = 32;
@@ -111,10 +153,7 @@ impl Weights<'_> {
         let mut scale_shape = vec![out];
         scale_shape.extend(std::iter::repeat_n(1, shape.len() - 1));
         let weight = weight.broadcast_mul(&scale.reshape(scale_shape)?)?;
-        Ok((
-            weight.to_device(self.device)?,
-            bias.to_device(self.device)?,
-        ))
+        Ok((weight.to_device(self.device)?, bias.to_device(self.device)?))
     }
 }
 
@@ -129,7 +168,14 @@ struct Pointwise {
 }
 
 impl Pointwise {
-    fn new(w: &Weights, conv: &str, bn: &str, inp: usize, out: usize, relu6: bool) -> Result<Self, BackboneError> {
+    fn new(
+        w: &Weights,
+        conv: &str,
+        bn: &str,
+        inp: usize,
+        out: usize,
+        relu6: bool,
+    ) -> Result<Self, BackboneError> {
         let (weight, bias) = w.conv_bn(conv, bn, &[out, inp, 1, 1])?;
         Ok(Self {
             weight: weight.reshape((out, inp))?,
@@ -141,7 +187,10 @@ impl Pointwise {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let flat = x.reshape((batch, channels, height * width))?;
-        let y = self.weight.broadcast_matmul(&flat)?.broadcast_add(&self.bias)?;
+        let y = self
+            .weight
+            .broadcast_matmul(&flat)?
+            .broadcast_add(&self.bias)?;
         let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
         y.reshape((batch, (), height, width))
     }
@@ -157,7 +206,14 @@ struct Depthwise {
 }
 
 impl Depthwise {
-    fn new(w: &Weights, conv: &str, bn: &str, channels: usize, kernel: usize, stride: usize) -> Result<Self, BackboneError> {
+    fn new(
+        w: &Weights,
+        conv: &str,
+        bn: &str,
+        channels: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<Self, BackboneError> {
         let (weight, bias) = w.conv_bn(conv, bn, &[channels, 1, kernel, kernel])?;
         let fused = DepthwiseKernel {
             weight: weight.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?,
@@ -266,9 +322,13 @@ impl Backbone {
     }
 
     /// Builds the network from a state dict with the checkpoint's names.
-    pub fn from_tensors(tensors: &HashMap<String, Tensor>, device: &Device) -> Result<Self, BackboneError> {
+    pub fn from_tensors(
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self, BackboneError> {
         let w = Weights { tensors, device };
-        let (stem_weight, stem_bias) = w.conv_bn("_conv_stem", "_bn0", &[STEM_CHANNELS, 3, 3, 3])?;
+        let (stem_weight, stem_bias) =
+            w.conv_bn("_conv_stem", "_bn0", &[STEM_CHANNELS, 3, 3, 3])?;
         let stem = Stem {
             weight: stem_weight,
             bias: stem_bias.reshape((1, STEM_CHANNELS, 1, 1))?,
@@ -283,12 +343,33 @@ impl Backbone {
                 let stride = if repeat == 0 { stage.stride } else { 1 };
                 let hidden = inp * stage.expand;
                 let expand = if stage.expand != 1 {
-                    Some(Pointwise::new(&w, &format!("{prefix}._expand_conv"), &format!("{prefix}._bn0"), inp, hidden, true)?)
+                    Some(Pointwise::new(
+                        &w,
+                        &format!("{prefix}._expand_conv"),
+                        &format!("{prefix}._bn0"),
+                        inp,
+                        hidden,
+                        true,
+                    )?)
                 } else {
                     None
                 };
-                let depthwise = Depthwise::new(&w, &format!("{prefix}._depthwise_conv"), &format!("{prefix}._bn1"), hidden, stage.kernel, stride)?;
-                let project = Pointwise::new(&w, &format!("{prefix}._project_conv"), &format!("{prefix}._bn2"), hidden, stage.out, false)?;
+                let depthwise = Depthwise::new(
+                    &w,
+                    &format!("{prefix}._depthwise_conv"),
+                    &format!("{prefix}._bn1"),
+                    hidden,
+                    stage.kernel,
+                    stride,
+                )?;
+                let project = Pointwise::new(
+                    &w,
+                    &format!("{prefix}._project_conv"),
+                    &format!("{prefix}._bn2"),
+                    hidden,
+                    stage.out,
+                    false,
+                )?;
                 blocks.push(Block {
                     expand,
                     depthwise,
@@ -300,7 +381,9 @@ impl Backbone {
         }
 
         let head = Pointwise::new(&w, "_conv_head", "_bn1", inp, FEATURE_DIM, true)?;
-        let fc_weight = w.get("_fc.weight", &[IMAGENET_CLASSES, FEATURE_DIM])?.to_device(device)?;
+        let fc_weight = w
+            .get("_fc.weight", &[IMAGENET_CLASSES, FEATURE_DIM])?
+            .to_device(device)?;
         let fc_bias = w.get("_fc.bias", &[IMAGENET_CLASSES])?.to_device(device)?;
         Ok(Self {
             stem,

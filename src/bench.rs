@@ -37,7 +37,8 @@ pub fn synthetic_fluke(seed: u32, width: u32, height: u32) -> RgbImage {
         let u = x as f32 / width as f32;
         let v = y as f32 / height as f32;
         // Two lobes meeting in a notch at the centre.
-        let lobe = (v - 0.35 - 0.25 * (2.0 * (u - 0.5)).powi(2)).abs() < 0.18 && (0.08..0.92).contains(&u);
+        let lobe =
+            (v - 0.35 - 0.25 * (2.0 * (u - 0.5)).powi(2)).abs() < 0.18 && (0.08..0.92).contains(&u);
         if !lobe {
             return Rgb([70, 110, 150]);
         }
@@ -79,12 +80,21 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
     }
     std::fs::write(scratch.join("labels.csv"), labels)?;
     let catalog = scratch.join("catalog");
-    ingest::ingest_folder(&embedder, &photos, &scratch.join("labels.csv"), &catalog, &IngestOptions::default())?;
+    ingest::ingest_folder(
+        &embedder,
+        &photos,
+        &scratch.join("labels.csv"),
+        &catalog,
+        &IngestOptions::default(),
+    )?;
     let identifier = Identifier::open(&catalog, embedder.clone(), None)?;
     let service = Service::new(ServeOptions::default());
     service.set_ready(identifier);
     let mut jpeg = Vec::new();
-    synthetic_fluke(7, 1050, 700).write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)?;
+    synthetic_fluke(7, 1050, 700).write_to(
+        &mut std::io::Cursor::new(&mut jpeg),
+        image::ImageFormat::Jpeg,
+    )?;
 
     let system = actix_web::rt::System::new();
     let app = system.block_on(actix_web::test::init_service(
@@ -100,7 +110,10 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
         payload.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
         actix_web::test::TestRequest::post()
             .uri("/v1/identify")
-            .insert_header(("content-type", format!("multipart/form-data; boundary={boundary}")))
+            .insert_header((
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            ))
             .set_payload(payload)
             .to_request()
     };
@@ -129,9 +142,15 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
     let _ = std::fs::remove_dir_all(&scratch);
 
     let (b1, b8, req) = (median(single), median(batched), median(requests));
-    println!("flukeid bench: {rounds} interleaved rounds, median, input {input}, {} rayon threads", rayon::current_num_threads());
+    println!(
+        "flukeid bench: {rounds} interleaved rounds, median, input {input}, {} rayon threads",
+        rayon::current_num_threads()
+    );
     println!("embed batch 1      {b1:9.1} ms/image");
-    println!("embed batch 8      {b8:9.1} ms/image  ({:.2}x batch 1)", b8 / b1);
+    println!(
+        "embed batch 8      {b8:9.1} ms/image  ({:.2}x batch 1)",
+        b8 / b1
+    );
     println!("identify request   {req:9.1} ms        ({:.2}x embed batch 1; 1050x700 JPEG, 32-sighting catalog)", req / b1);
     Ok(())
 }

@@ -98,7 +98,10 @@ impl Catalog {
             source,
         })?;
         let catalog = Self { conn, path };
-        catalog.conn.execute_batch(SCHEMA).map_err(|e| catalog.sql(e))?;
+        catalog
+            .conn
+            .execute_batch(SCHEMA)
+            .map_err(|e| catalog.sql(e))?;
         Ok(catalog)
     }
 
@@ -108,11 +111,12 @@ impl Catalog {
         if !path.is_file() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|source| CatalogError::Sqlite {
+        let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
+            |source| CatalogError::Sqlite {
                 path: path.clone(),
                 source,
-            })?;
+            },
+        )?;
         Ok(Some(Self { conn, path }))
     }
 
@@ -139,12 +143,14 @@ impl Catalog {
     pub fn fingerprint(&self) -> Result<Option<Fingerprint>, CatalogError> {
         match self.meta("fingerprint")? {
             None => Ok(None),
-            Some(json) => serde_json::from_str(&json).map(Some).map_err(|e| {
-                CatalogError::Corrupt {
-                    path: self.path.clone(),
-                    reason: format!("bad fingerprint: {e}"),
-                }
-            }),
+            Some(json) => {
+                serde_json::from_str(&json)
+                    .map(Some)
+                    .map_err(|e| CatalogError::Corrupt {
+                        path: self.path.clone(),
+                        reason: format!("bad fingerprint: {e}"),
+                    })
+            }
         }
     }
 
@@ -192,7 +198,11 @@ impl Catalog {
     /// Adds sightings in one transaction: either all are stored or none.
     /// Records the embedder's fingerprint on the first addition and refuses
     /// vectors from a different one. Returns the new sightings' ids.
-    pub fn add(&mut self, fingerprint: &Fingerprint, new: &[NewSighting]) -> Result<Vec<i64>, CatalogError> {
+    pub fn add(
+        &mut self,
+        fingerprint: &Fingerprint,
+        new: &[NewSighting],
+    ) -> Result<Vec<i64>, CatalogError> {
         self.check_fingerprint(fingerprint)?;
         let path = self.path.clone();
         let sql = |source| CatalogError::Sqlite {
@@ -279,7 +289,9 @@ fn describe(f: &Fingerprint) -> String {
     format!(
         "backbone {}…, head {}, input {}, {}-d",
         &f.backbone_sha256[..f.backbone_sha256.len().min(12)],
-        f.head_sha256.as_deref().map_or("none", |h| &h[..h.len().min(12)]),
+        f.head_sha256
+            .as_deref()
+            .map_or("none", |h| &h[..h.len().min(12)]),
         f.input,
         f.dim
     )

@@ -69,7 +69,9 @@ impl Head {
             .clone();
         let (dim, inp) = weight.dims2().map_err(|e| err(e.to_string()))?;
         if inp != FEATURE_DIM {
-            return Err(err(format!("`weight` takes {inp} inputs, the backbone gives {FEATURE_DIM}")));
+            return Err(err(format!(
+                "`weight` takes {inp} inputs, the backbone gives {FEATURE_DIM}"
+            )));
         }
         let bias = tensors.get("bias").cloned();
         Ok(Self {
@@ -176,7 +178,11 @@ pub fn gem(features: &Tensor, p: f64) -> candle_core::Result<Tensor> {
 
 /// Scales each row to unit length.
 pub fn l2_normalise(x: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12f32, f32::MAX)?;
     x.broadcast_div(&norm)
 }
 

@@ -118,7 +118,9 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) | Self::MissingImage | Self::TooManyFiles(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::MissingImage | Self::TooManyFiles(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Photo(PhotoError::UnknownFormat) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Photo(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -188,7 +190,7 @@ impl Service {
         tracing::info!(
             sightings = identifier.sightings(),
             whales = identifier.whales(),
-            threshold = identifier.threshold(),
+            threshold = format!("{:.2}", identifier.threshold()),
             backbone_sha256 = %identifier.embedder().fingerprint().backbone_sha256,
             "ready"
         );
@@ -233,7 +235,10 @@ fn run_model(service: std::sync::Weak<Service>, queue: Receiver<Job>) {
 
         let started = Instant::now();
         let size = batch.len();
-        let (images, meta): (Vec<RgbImage>, Vec<_>) = batch.into_iter().map(|j| (j.image, (j.queued, j.reply))).unzip();
+        let (images, meta): (Vec<RgbImage>, Vec<_>) = batch
+            .into_iter()
+            .map(|j| (j.image, (j.queued, j.reply)))
+            .unzip();
         let result = identifier.identify_images(&images);
         let inference_ms = ms(started);
         match result {
@@ -241,7 +246,7 @@ fn run_model(service: std::sync::Weak<Service>, queue: Receiver<Job>) {
                 for (predictions, (queued, reply)) in all.into_iter().zip(meta) {
                     let _ = reply.send(Ok(Inference {
                         predictions,
-                        queue_ms: (started - queued).as_secs_f64() * 1e3,
+                        queue_ms: round_ms((started - queued).as_secs_f64() * 1e3),
                         inference_ms,
                         batch: size,
                     }));
@@ -256,8 +261,13 @@ fn run_model(service: std::sync::Weak<Service>, queue: Receiver<Job>) {
     }
 }
 
+/// Milliseconds since `since`, to 0.01 ms.
 fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e3
+    round_ms(since.elapsed().as_secs_f64() * 1e3)
+}
+
+fn round_ms(ms: f64) -> f64 {
+    (ms * 100.0).round() / 100.0
 }
 
 /// Where the time of one identification went.
@@ -371,7 +381,9 @@ async fn identify(
     match service.jobs.try_send(job) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => return Err(ApiError::Busy),
-        Err(TrySendError::Disconnected(_)) => return Err(ApiError::Internal("model thread stopped".into())),
+        Err(TrySendError::Disconnected(_)) => {
+            return Err(ApiError::Internal("model thread stopped".into()))
+        }
     }
     let inference = answer
         .await
@@ -403,8 +415,13 @@ async fn read_image_field(mut payload: Multipart, limit: usize) -> Result<Vec<u8
     let mut files = 0;
     let mut total = 0usize;
     while let Some(field) = payload.next().await {
-        let mut field = field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
-        let name = field.content_disposition().and_then(|d| d.get_name()).unwrap_or_default().to_owned();
+        let mut field =
+            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+        let name = field
+            .content_disposition()
+            .and_then(|d| d.get_name())
+            .unwrap_or_default()
+            .to_owned();
         let is_file = field
             .content_disposition()
             .is_some_and(|d| d.get_filename().is_some());
@@ -413,7 +430,8 @@ async fn read_image_field(mut payload: Multipart, limit: usize) -> Result<Vec<u8
         }
         let mut data = Vec::new();
         while let Some(chunk) = field.next().await {
-            let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+            let chunk = chunk
+                .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
             total += chunk.len();
             if total > limit {
                 return Err(ApiError::TooLarge { limit });
@@ -441,14 +459,20 @@ async fn read_image_field(mut payload: Multipart, limit: usize) -> Result<Vec<u8
         (status = 503, description = "Not ready", body = ErrorBody),
     )
 )]
-async fn whale(service: web::Data<Service>, whale_id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+async fn whale(
+    service: web::Data<Service>,
+    whale_id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let identifier = service.identifier()?;
     let whale_id = whale_id.into_inner();
     let sightings = identifier.whale_sightings(&whale_id);
     if sightings.is_empty() {
         return Err(ApiError::UnknownWhale(whale_id));
     }
-    Ok(HttpResponse::Ok().json(WhaleResponse { whale_id, sightings }))
+    Ok(HttpResponse::Ok().json(WhaleResponse {
+        whale_id,
+        sightings,
+    }))
 }
 
 /// Alive: the process answers.
@@ -482,15 +506,25 @@ async fn readyz(service: web::Data<Service>) -> Result<HttpResponse, ApiError> {
 /// This document.
 #[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "The OpenAPI document")))]
 async fn openapi_json() -> HttpResponse {
-    HttpResponse::Ok().content_type("application/json").body(openapi_document())
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(openapi_document())
 }
 
 async fn no_route(request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NoRoute(format!("{} {}", request.method(), request.path())))
+    Err(ApiError::NoRoute(format!(
+        "{} {}",
+        request.method(),
+        request.path()
+    )))
 }
 
 async fn wrong_method(request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed(format!("{} {}", request.method(), request.path())))
+    Err(ApiError::MethodNotAllowed(format!(
+        "{} {}",
+        request.method(),
+        request.path()
+    )))
 }
 
 #[derive(OpenApi)]
@@ -500,7 +534,17 @@ async fn wrong_method(request: HttpRequest) -> Result<HttpResponse, ApiError> {
         description = "Identify individual humpback whales from photos of their tail flukes."
     ),
     paths(identify, whale, healthz, readyz, openapi_json),
-    components(schemas(IdentifyResponse, Prediction, Sighting, Timings, CatalogSummary, WhaleResponse, Health, ErrorBody, IdentifyForm))
+    components(schemas(
+        IdentifyResponse,
+        Prediction,
+        Sighting,
+        Timings,
+        CatalogSummary,
+        WhaleResponse,
+        Health,
+        ErrorBody,
+        IdentifyForm
+    ))
 )]
 struct ApiDoc;
 
@@ -531,11 +575,31 @@ pub fn configure(service: Arc<Service>) -> impl FnOnce(&mut web::ServiceConfig) 
     move |config| {
         config
             .app_data(web::Data::from(service))
-            .service(web::resource("/v1/identify").route(web::post().to(identify)).default_service(web::to(wrong_method)))
-            .service(web::resource("/v1/whales/{whale_id}").route(web::get().to(whale)).default_service(web::to(wrong_method)))
-            .service(web::resource("/v1/openapi.json").route(web::get().to(openapi_json)).default_service(web::to(wrong_method)))
-            .service(web::resource("/healthz").route(web::get().to(healthz)).default_service(web::to(wrong_method)))
-            .service(web::resource("/readyz").route(web::get().to(readyz)).default_service(web::to(wrong_method)))
+            .service(
+                web::resource("/v1/identify")
+                    .route(web::post().to(identify))
+                    .default_service(web::to(wrong_method)),
+            )
+            .service(
+                web::resource("/v1/whales/{whale_id}")
+                    .route(web::get().to(whale))
+                    .default_service(web::to(wrong_method)),
+            )
+            .service(
+                web::resource("/v1/openapi.json")
+                    .route(web::get().to(openapi_json))
+                    .default_service(web::to(wrong_method)),
+            )
+            .service(
+                web::resource("/healthz")
+                    .route(web::get().to(healthz))
+                    .default_service(web::to(wrong_method)),
+            )
+            .service(
+                web::resource("/readyz")
+                    .route(web::get().to(readyz))
+                    .default_service(web::to(wrong_method)),
+            )
             .default_service(web::to(no_route));
     }
 }

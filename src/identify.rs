@@ -29,7 +29,7 @@ pub const NEIGHBOURS: usize = 64;
 /// Threshold used when neither the command line nor the catalog gives one.
 /// It is the value `flukeid calibrate` chose on the flukes-dev catalog with
 /// the ImageNet backbone (see docs/evaluation.md); calibrate your own catalog.
-pub const DEFAULT_THRESHOLD: f32 = 0.80;
+pub const DEFAULT_THRESHOLD: f32 = 0.82;
 
 /// One ranked answer.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -106,7 +106,13 @@ pub enum IdentifyError {
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error(transparent)]
-    Embed(#[from] EmbedError),
+    Embed(Box<EmbedError>),
+}
+
+impl From<EmbedError> for IdentifyError {
+    fn from(e: EmbedError) -> Self {
+        Self::Embed(Box::new(e))
+    }
 }
 
 /// A loaded catalog with its index and the embedder that fills it: all
@@ -124,7 +130,11 @@ impl Identifier {
     /// Loads the catalog in `dir` (an absent one is empty) and its index,
     /// rebuilding and saving the index when it is missing or stale.
     /// `threshold` overrides the catalog's calibrated one.
-    pub fn open(dir: &Path, embedder: Embedder, threshold: Option<f32>) -> Result<Self, IdentifyError> {
+    pub fn open(
+        dir: &Path,
+        embedder: Embedder,
+        threshold: Option<f32>,
+    ) -> Result<Self, IdentifyError> {
         let catalog = Catalog::open_existing(dir)?;
         let (rows, stored_threshold) = match &catalog {
             Some(c) => {
@@ -141,7 +151,8 @@ impl Identifier {
         let index = match VectorIndex::load(dir, expected)? {
             Some(index) => index,
             None => {
-                let items: Vec<(i64, &[f32])> = rows.iter().map(|(s, v)| (s.id, v.as_slice())).collect();
+                let items: Vec<(i64, &[f32])> =
+                    rows.iter().map(|(s, v)| (s.id, v.as_slice())).collect();
                 let index = VectorIndex::build(embedder.dim(), &items);
                 if catalog.is_some() {
                     index.save(dir)?;
@@ -150,7 +161,11 @@ impl Identifier {
                 index
             }
         };
-        let whales = rows.iter().map(|(s, _)| s.whale_id.as_str()).collect::<HashSet<_>>().len();
+        let whales = rows
+            .iter()
+            .map(|(s, _)| s.whale_id.as_str())
+            .collect::<HashSet<_>>()
+            .len();
         let sightings = rows.into_iter().map(|(s, _)| (s.id, s)).collect();
         Ok(Self {
             embedder,
@@ -183,7 +198,12 @@ impl Identifier {
 
     /// The sightings of one whale, oldest first; empty when unknown.
     pub fn whale_sightings(&self, whale_id: &str) -> Vec<Sighting> {
-        let mut found: Vec<Sighting> = self.sightings.values().filter(|s| s.whale_id == whale_id).cloned().collect();
+        let mut found: Vec<Sighting> = self
+            .sightings
+            .values()
+            .filter(|s| s.whale_id == whale_id)
+            .cloned()
+            .collect();
         found.sort_by_key(|s| s.id);
         found
     }
@@ -203,9 +223,15 @@ impl Identifier {
     }
 
     /// The five answers for each of a batch of decoded photos.
-    pub fn identify_images(&self, images: &[RgbImage]) -> Result<Vec<Vec<Prediction>>, IdentifyError> {
+    pub fn identify_images(
+        &self,
+        images: &[RgbImage],
+    ) -> Result<Vec<Vec<Prediction>>, IdentifyError> {
         let embeddings = self.embedder.embed_images(images)?;
-        Ok(embeddings.iter().map(|e| self.identify_embedding(e)).collect())
+        Ok(embeddings
+            .iter()
+            .map(|e| self.identify_embedding(e))
+            .collect())
     }
 }
 
@@ -222,10 +248,13 @@ pub struct Calibration {
 
 /// Chooses the threshold that maximises MAP@5 when each catalogued sighting
 /// in turn is a query against all the others. A sighting whose whale has no
-/// other sighting plays a `new_whale` query, so the catalog's own mix of
-/// repeat and one-off whales decides the balance. Candidate thresholds are
-/// 0.00, 0.01, … 1.00; ties go to the lowest.
-pub fn calibrate(rows: &[(Sighting, Vec<f32>)]) -> Option<Calibration> {
+/// other sighting plays a `new_whale` query. By default the catalog's own
+/// mix of repeat and one-off whales decides the balance; `new_share`
+/// instead weighs the two kinds of query so that new whales make up that
+/// share of the queries, for a catalog whose mix differs from the queries
+/// it will see. Candidate thresholds are 0.00, 0.01, … 1.00; ties go to the
+/// lowest.
+pub fn calibrate(rows: &[(Sighting, Vec<f32>)], new_share: Option<f64>) -> Option<Calibration> {
     if rows.len() < 2 {
         return None;
     }
@@ -256,23 +285,34 @@ pub fn calibrate(rows: &[(Sighting, Vec<f32>)]) -> Option<Calibration> {
         })
         .collect();
 
+    let new = queries.iter().filter(|(_, t)| *t == NEW_WHALE).count();
+    let known = queries.len() - new;
+    // Weight of one query of each kind.
+    let (w_new, w_known) = match new_share {
+        Some(share) if new > 0 && known > 0 => (share / new as f64, (1.0 - share) / known as f64),
+        _ => (1.0 / queries.len() as f64, 1.0 / queries.len() as f64),
+    };
+
     let mut best: Option<Calibration> = None;
     for step in 0..=100 {
         let threshold = step as f32 / 100.0;
-        let total: f64 = queries
+        let map5: f64 = queries
             .iter()
             .map(|(hits, truth)| {
-                let ids: Vec<String> = rank(hits, threshold, TOP).into_iter().map(|p| p.whale_id).collect();
-                average_precision(&ids, truth)
+                let ids: Vec<String> = rank(hits, threshold, TOP)
+                    .into_iter()
+                    .map(|p| p.whale_id)
+                    .collect();
+                let weight = if *truth == NEW_WHALE { w_new } else { w_known };
+                weight * average_precision(&ids, truth)
             })
             .sum();
-        let map5 = total / queries.len() as f64;
         if best.as_ref().is_none_or(|b| map5 > b.map5 + 1e-12) {
             best = Some(Calibration {
                 threshold,
                 map5,
-                known: queries.iter().filter(|(_, t)| *t != NEW_WHALE).count(),
-                new: queries.iter().filter(|(_, t)| *t == NEW_WHALE).count(),
+                known,
+                new,
             });
         }
     }
@@ -300,7 +340,13 @@ mod tests {
         list.iter()
             .map(|&(id, similarity)| {
                 let s = records.iter().find(|s| s.id == id).unwrap();
-                (Hit { sighting_id: id, similarity }, s)
+                (
+                    Hit {
+                        sighting_id: id,
+                        similarity,
+                    },
+                    s,
+                )
             })
             .collect()
     }
@@ -320,7 +366,17 @@ mod tests {
     #[test]
     fn whale_ranked_by_best_sighting_without_duplicates() {
         let r = records();
-        let h = hits(&[(1, 0.70), (3, 0.92), (2, 0.95), (4, 0.91), (5, 0.90), (6, 0.89)], &r);
+        let h = hits(
+            &[
+                (1, 0.70),
+                (3, 0.92),
+                (2, 0.95),
+                (4, 0.91),
+                (5, 0.90),
+                (6, 0.89),
+            ],
+            &r,
+        );
         let p = rank(&h, 0.5, TOP);
         assert_eq!(ids(&p), ["w_a", "w_b", "w_c", "w_d", "w_e"]);
         assert_eq!(p[0].score, 0.95);
@@ -341,14 +397,30 @@ mod tests {
     fn new_whale_first_when_nothing_is_similar() {
         let r = records();
         let h = hits(&[(1, 0.30), (3, 0.20), (4, 0.10), (5, 0.05), (6, 0.01)], &r);
-        assert_eq!(ids(&rank(&h, 0.5, TOP)), ["new_whale", "w_a", "w_b", "w_c", "w_d"]);
+        assert_eq!(
+            ids(&rank(&h, 0.5, TOP)),
+            ["new_whale", "w_a", "w_b", "w_c", "w_d"]
+        );
     }
 
     #[test]
     fn new_whale_last_when_five_whales_all_pass() {
         let r = records();
-        let h = hits(&[(1, 0.99), (3, 0.98), (4, 0.97), (5, 0.96), (6, 0.95), (7, 0.94)], &r);
-        assert_eq!(ids(&rank(&h, 0.5, TOP)), ["w_a", "w_b", "w_c", "w_d", "w_e"]);
+        let h = hits(
+            &[
+                (1, 0.99),
+                (3, 0.98),
+                (4, 0.97),
+                (5, 0.96),
+                (6, 0.95),
+                (7, 0.94),
+            ],
+            &r,
+        );
+        assert_eq!(
+            ids(&rank(&h, 0.5, TOP)),
+            ["w_a", "w_b", "w_c", "w_d", "w_e"]
+        );
         let h = hits(&[(1, 0.99), (3, 0.98)], &r);
         assert_eq!(ids(&rank(&h, 0.5, TOP)), ["w_a", "w_b", "new_whale"]);
     }
@@ -371,9 +443,26 @@ mod tests {
             (sighting(5, "w_c"), vec![0.0, 0.0, 1.0]),
             (sighting(6, "w_d"), vec![0.6, 0.0, -0.8]),
         ];
-        let c = calibrate(&rows).unwrap();
+        let c = calibrate(&rows, None).unwrap();
         assert_eq!((c.known, c.new), (4, 2));
         assert!((c.map5 - 1.0).abs() < 1e-9, "{c:?}");
         assert!(c.threshold > 0.6 && c.threshold <= 0.98, "{c:?}");
+    }
+
+    #[test]
+    fn calibration_share_of_new_whales_moves_the_threshold() {
+        // One repeat whale whose sightings are only 0.7 alike, and a
+        // singleton 0.8 from one of them. Only a threshold of about 0.8 puts
+        // new_whale first for the singleton, and that costs the repeat
+        // whale's queries; the expected share of new whales decides.
+        let rows = vec![
+            (sighting(1, "w_a"), vec![1.0, 0.0]),
+            (sighting(2, "w_a"), vec![0.7, 0.714_142_8]),
+            (sighting(3, "w_b"), vec![0.8, -0.6]),
+        ];
+        let mostly_new = calibrate(&rows, Some(0.9)).unwrap();
+        let mostly_known = calibrate(&rows, Some(0.1)).unwrap();
+        assert!(mostly_new.threshold > 0.75, "{mostly_new:?}");
+        assert!(mostly_known.threshold <= 0.7, "{mostly_known:?}");
     }
 }

@@ -60,14 +60,22 @@ pub struct VectorIndex {
 
 impl std::fmt::Debug for VectorIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VectorIndex").field("manifest", &self.manifest).finish()
+        f.debug_struct("VectorIndex")
+            .field("manifest", &self.manifest)
+            .finish()
     }
 }
 
 impl VectorIndex {
     /// An empty index for vectors of `dim` values.
     pub fn new(dim: usize, expected: usize) -> Self {
-        let hnsw = Hnsw::new(MAX_CONNECTIONS, expected.max(1024), MAX_LAYERS, EF_CONSTRUCTION, DistCosine {});
+        let hnsw = Hnsw::new(
+            MAX_CONNECTIONS,
+            expected.max(1024),
+            MAX_LAYERS,
+            EF_CONSTRUCTION,
+            DistCosine {},
+        );
         Self {
             hnsw,
             manifest: Manifest {
@@ -93,7 +101,10 @@ impl VectorIndex {
         let data: Vec<(&[f32], usize)> = items.iter().map(|(id, v)| (*v, *id as usize)).collect();
         self.hnsw.parallel_insert_slice(&data);
         self.manifest.count += items.len();
-        self.manifest.max_id = items.iter().map(|(id, _)| *id).fold(self.manifest.max_id, i64::max);
+        self.manifest.max_id = items
+            .iter()
+            .map(|(id, _)| *id)
+            .fold(self.manifest.max_id, i64::max);
     }
 
     /// What the index holds.
@@ -193,10 +204,11 @@ impl VectorIndex {
         // small and a process loads the index once, so it is leaked to get a
         // graph that can live in the server's state.
         let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(&dir, BASENAME)));
-        let hnsw: Hnsw<'static, f32, DistCosine> = loader.load_hnsw().map_err(|e| IndexError::Hnsw {
-            path: dir.clone(),
-            reason: e.to_string(),
-        })?;
+        let hnsw: Hnsw<'static, f32, DistCosine> =
+            loader.load_hnsw().map_err(|e| IndexError::Hnsw {
+                path: dir.clone(),
+                reason: e.to_string(),
+            })?;
         if hnsw.get_nb_point() != manifest.count {
             return Ok(None);
         }
@@ -220,7 +232,10 @@ mod tests {
         let c = unit(&[0.0, 0.0, 1.0]);
         let index = VectorIndex::build(3, &[(7, &a), (8, &b), (9, &c)]);
         let hits = index.search(&a, 3);
-        assert_eq!(hits.iter().map(|h| h.sighting_id).collect::<Vec<_>>(), vec![7, 8, 9]);
+        assert_eq!(
+            hits.iter().map(|h| h.sighting_id).collect::<Vec<_>>(),
+            vec![7, 8, 9]
+        );
         assert!((hits[1].similarity - 0.8).abs() < 1e-5);
         assert!(hits[2].similarity.abs() < 1e-5);
     }
@@ -231,14 +246,23 @@ mod tests {
         let vectors: Vec<Vec<f32>> = (0..40)
             .map(|i| unit(&[(i as f32).sin(), (i as f32).cos(), 0.1 * i as f32]))
             .collect();
-        let items: Vec<(i64, &[f32])> = vectors.iter().enumerate().map(|(i, v)| (i as i64 + 1, v.as_slice())).collect();
+        let items: Vec<(i64, &[f32])> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (i as i64 + 1, v.as_slice()))
+            .collect();
         let index = VectorIndex::build(3, &items);
         index.save(dir.path()).unwrap();
 
-        let loaded = VectorIndex::load(dir.path(), index.manifest()).unwrap().unwrap();
+        let loaded = VectorIndex::load(dir.path(), index.manifest())
+            .unwrap()
+            .unwrap();
         assert_eq!(loaded.search(&vectors[5], 1)[0].sighting_id, 6);
 
-        let stale = Manifest { count: 41, ..index.manifest() };
+        let stale = Manifest {
+            count: 41,
+            ..index.manifest()
+        };
         assert!(VectorIndex::load(dir.path(), stale).unwrap().is_none());
     }
 }

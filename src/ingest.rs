@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::catalog::{Catalog, CatalogError, NewSighting};
-use crate::embed::{EmbedError, Embedder};
+use crate::embed::Embedder;
 use crate::index::{IndexError, Manifest, VectorIndex};
 use crate::labels::{self, LabelsError, NEW_WHALE};
 use crate::photo::DecodeLimits;
@@ -32,14 +32,12 @@ pub enum IngestError {
     Photo {
         labels: PathBuf,
         line: u64,
-        source: ScoreError,
+        source: Box<ScoreError>,
     },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error(transparent)]
-    Embed(#[from] EmbedError),
 }
 
 /// What an ingest run did.
@@ -116,22 +114,28 @@ pub fn ingest_folder(
     let names: Vec<String> = todo.iter().map(|r| r.image.clone()).collect();
     let bar = score::progress_bar(names.len() as u64, options.progress, "embedding");
     let mut new = Vec::with_capacity(todo.len());
-    let result = score::decode_batches(images, &names, options.batch, options.limits, |chunk, decoded| {
-        let vectors = embedder
-            .embed_images(&decoded)
-            .map_err(|e| ScoreError::Identify(e.into()))?;
-        for (name, embedding) in chunk.iter().zip(vectors) {
-            let row = todo[new.len()];
-            debug_assert_eq!(&row.image, name);
-            new.push(NewSighting {
-                image: name.clone(),
-                whale_id: row.id.clone(),
-                embedding,
-            });
-        }
-        bar.inc(chunk.len() as u64);
-        Ok(())
-    });
+    let result = score::decode_batches(
+        images,
+        &names,
+        options.batch,
+        options.limits,
+        |chunk, decoded| {
+            let vectors = embedder
+                .embed_images(&decoded)
+                .map_err(|e| ScoreError::from(crate::identify::IdentifyError::from(e)))?;
+            for (name, embedding) in chunk.iter().zip(vectors) {
+                let row = todo[new.len()];
+                debug_assert_eq!(&row.image, name);
+                new.push(NewSighting {
+                    image: name.clone(),
+                    whale_id: row.id.clone(),
+                    embedding,
+                });
+            }
+            bar.inc(chunk.len() as u64);
+            Ok(())
+        },
+    );
     bar.finish_and_clear();
     if let Err(source) = result {
         let line = match &source {
@@ -144,7 +148,7 @@ pub fn ingest_folder(
         return Err(IngestError::Photo {
             labels: labels_path.to_owned(),
             line,
-            source,
+            source: Box::new(source),
         });
     }
 
@@ -169,10 +173,19 @@ pub fn ingest_folder(
 
 /// Adds the new vectors to the saved index, or rebuilds it from the catalog
 /// when the saved one does not match what the catalog held before.
-fn update_index(catalog: &Catalog, dir: &Path, dim: usize, ids: &[i64], new: &[NewSighting]) -> Result<(), IngestError> {
+fn update_index(
+    catalog: &Catalog,
+    dir: &Path,
+    dim: usize,
+    ids: &[i64],
+    new: &[NewSighting],
+) -> Result<(), IngestError> {
     let all = catalog.load_all()?;
     let new_ids: HashSet<i64> = ids.iter().copied().collect();
-    let before: Vec<_> = all.iter().filter(|(s, _)| !new_ids.contains(&s.id)).collect();
+    let before: Vec<_> = all
+        .iter()
+        .filter(|(s, _)| !new_ids.contains(&s.id))
+        .collect();
     let expected = Manifest {
         count: before.len(),
         max_id: before.iter().map(|(s, _)| s.id).max().unwrap_or(0),
@@ -180,7 +193,11 @@ fn update_index(catalog: &Catalog, dir: &Path, dim: usize, ids: &[i64], new: &[N
     };
     let index = match VectorIndex::load(dir, expected)? {
         Some(mut index) => {
-            let items: Vec<(i64, &[f32])> = ids.iter().zip(new).map(|(id, s)| (*id, s.embedding.as_slice())).collect();
+            let items: Vec<(i64, &[f32])> = ids
+                .iter()
+                .zip(new)
+                .map(|(id, s)| (*id, s.embedding.as_slice()))
+                .collect();
             index.insert(&items);
             index
         }

@@ -184,7 +184,10 @@ mod tests {
     #[test]
     fn bad_row_names_file_and_line() {
         let err = parse("Image,Id\na.jpg,w_1\nb.jpg\n").unwrap_err();
-        assert_eq!(err.to_string(), "train.csv:3: expected 2 fields (Image,Id), found 1");
+        assert_eq!(
+            err.to_string(),
+            "train.csv:3: expected 2 fields (Image,Id), found 1"
+        );
     }
 
     #[test]
@@ -196,12 +199,18 @@ mod tests {
     #[test]
     fn path_in_image_name_is_refused() {
         let err = parse("Image,Id\n../secret.jpg,w_1\n").unwrap_err();
-        assert!(err.to_string().starts_with("train.csv:2: image name"), "{err}");
+        assert!(
+            err.to_string().starts_with("train.csv:2: image name"),
+            "{err}"
+        );
     }
 
     #[test]
     fn duplicate_image_is_refused() {
         let err = parse("Image,Id\na.jpg,w_1\na.jpg,w_2\n").unwrap_err();
-        assert_eq!(err.to_string(), "train.csv:3: image a.jpg is listed again (first on line 2)");
+        assert_eq!(
+            err.to_string(),
+            "train.csv:3: image a.jpg is listed again (first on line 2)"
+        );
     }
 }

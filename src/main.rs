@@ -19,7 +19,11 @@ use flukeid::{bench, http, score, weights};
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
-#[command(name = "flukeid", version, about = "Identify humpback whales from photos of their tail flukes")]
+#[command(
+    name = "flukeid",
+    version,
+    about = "Identify humpback whales from photos of their tail flukes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,6 +37,8 @@ enum Command {
     Index(IndexArgs),
     /// Identify every photo of a folder and write a Kaggle submission.
     Score(ScoreArgs),
+    /// MAP@5 of an existing submission file against a truth file.
+    Evaluate(EvaluateArgs),
     /// Choose the catalog's new_whale threshold by leave-one-out.
     Calibrate(CalibrateArgs),
     /// Convert the published PyTorch checkpoint into models/.
@@ -55,8 +61,10 @@ struct ModelArgs {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// Catalog folder.
     #[arg(long, default_value = "index")]
     catalog: PathBuf,
+    /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     bind: String,
     #[command(flatten)]
@@ -90,6 +98,7 @@ struct IndexArgs {
     /// `Image,Id` label file; new_whale rows are skipped.
     #[arg(long)]
     labels: PathBuf,
+    /// Catalog folder; created when missing.
     #[arg(long, default_value = "index")]
     catalog: PathBuf,
     #[command(flatten)]
@@ -110,6 +119,7 @@ struct ScoreArgs {
     /// `Image,Id` truth file; prints MAP@5.
     #[arg(long)]
     truth: Option<PathBuf>,
+    /// Catalog folder.
     #[arg(long, default_value = "index")]
     catalog: PathBuf,
     #[command(flatten)]
@@ -123,15 +133,37 @@ struct ScoreArgs {
     /// With --truth, also print the rank of every known whale.
     #[arg(long)]
     details: bool,
+    /// With --truth, also print MAP@5 at thresholds 0.50 to 1.00. Tuned on
+    /// the truth file, so not a fair score: a sensitivity table.
+    #[arg(long)]
+    sweep: bool,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    /// Submission (`Image,Id`, space-separated ids, best first).
+    #[arg(long)]
+    submission: PathBuf,
+    /// `Image,Id` truth file.
+    #[arg(long)]
+    truth: PathBuf,
+    /// Also print the rank of every known whale.
+    #[arg(long)]
+    details: bool,
 }
 
 #[derive(Args)]
 struct CalibrateArgs {
+    /// Catalog folder.
     #[arg(long, default_value = "index")]
     catalog: PathBuf,
     /// Print the result without storing it in the catalog.
     #[arg(long)]
     dry_run: bool,
+    /// Expected share of queries that are new whales (0-1). Defaults to the
+    /// catalog's own share of one-off whales.
+    #[arg(long)]
+    new_share: Option<f64>,
 }
 
 #[derive(Args)]
@@ -155,7 +187,10 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,hnsw_rs=warn")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,hnsw_rs=warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -163,6 +198,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Index(args) => index(args),
         Command::Score(args) => score_command(args),
+        Command::Evaluate(args) => evaluate(args),
         Command::Calibrate(args) => calibrate(args),
         Command::ConvertWeights(args) => convert_weights(args),
         Command::Bench(args) => bench::run(&args.models, args.rounds),
@@ -218,8 +254,12 @@ fn serve(args: ServeArgs) -> CliResult {
     Ok(())
 }
 
-fn load_for_serving(args: &ServeArgs) -> Result<Identifier, Box<dyn std::error::Error + Send + Sync>> {
-    let as_send = |e: Box<dyn std::error::Error>| -> Box<dyn std::error::Error + Send + Sync> { e.to_string().into() };
+fn load_for_serving(
+    args: &ServeArgs,
+) -> Result<Identifier, Box<dyn std::error::Error + Send + Sync>> {
+    let as_send = |e: Box<dyn std::error::Error>| -> Box<dyn std::error::Error + Send + Sync> {
+        e.to_string().into()
+    };
     let embedder = embedder_for(&args.catalog, &args.model).map_err(as_send)?;
     let empty = match Catalog::open_existing(&args.catalog)? {
         Some(c) => c.is_empty()?,
@@ -229,7 +269,13 @@ fn load_for_serving(args: &ServeArgs) -> Result<Identifier, Box<dyn std::error::
     let labels = args.seed.join("train.csv");
     if empty && !args.no_seed && images.is_dir() && labels.is_file() {
         tracing::info!(seed = %args.seed.display(), "catalog is empty: indexing the seed folder");
-        ingest::ingest_folder(&embedder, &images, &labels, &args.catalog, &IngestOptions::default())?;
+        ingest::ingest_folder(
+            &embedder,
+            &images,
+            &labels,
+            &args.catalog,
+            &IngestOptions::default(),
+        )?;
     } else if empty {
         tracing::warn!(catalog = %args.catalog.display(), "catalog is empty: every photo will be new_whale; build one with `flukeid index`");
     }
@@ -245,7 +291,13 @@ fn index(args: IndexArgs) -> CliResult {
         progress: true,
         ..Default::default()
     };
-    let report = ingest::ingest_folder(&embedder, &args.images, &args.labels, &args.catalog, &options)?;
+    let report = ingest::ingest_folder(
+        &embedder,
+        &args.images,
+        &args.labels,
+        &args.catalog,
+        &options,
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "added {} sightings ({} already catalogued, {} new_whale rows skipped); catalog {} now holds {}; {:.1} s, {:.1} images/s",
@@ -266,7 +318,13 @@ fn score_command(args: ScoreArgs) -> CliResult {
     let embedder = embedder_for(&args.catalog, &args.model)?;
     let identifier = Identifier::open(&args.catalog, embedder, args.threshold)?;
     let started = Instant::now();
-    let scored = score::score_folder(&identifier, &args.images, args.batch, DecodeLimits::default(), true)?;
+    let scored = score::score_folder(
+        &identifier,
+        &args.images,
+        args.batch,
+        DecodeLimits::default(),
+        true,
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     // Evaluate before writing, so a bad truth file leaves no submission.
     let evaluation = match &args.truth {
@@ -285,40 +343,72 @@ fn score_command(args: ScoreArgs) -> CliResult {
         args.out.display()
     );
     if let Some(e) = evaluation {
-        let found = e.known.iter().filter(|(_, _, r)| r.is_some()).count();
-        println!(
-            "known whales found in top 5: {found}/{}; new_whale ranked first: {}/{}",
-            e.known.len(),
-            e.new_first,
-            e.new_total
-        );
-        if args.details {
-            for (image, whale, rank) in &e.known {
-                let rank = rank.map_or("-".to_owned(), |r| r.to_string());
-                println!("  {image} {whale} rank {rank}");
-            }
+        print_evaluation(&e, args.details);
+    }
+    if let (true, Some(truth)) = (args.sweep, &args.truth) {
+        println!("threshold sweep (tuned on the truth file; not a fair score):");
+        for (threshold, map5) in score::threshold_sweep(&scored, truth, 0.5, 1.0, 0.02)? {
+            println!("  {threshold:.2} MAP@5 {map5:.4}");
         }
-        println!("MAP@5 {:.4}", e.map5);
     }
     Ok(())
+}
+
+/// Scores a submission made elsewhere (or by the HTTP service).
+fn evaluate(args: EvaluateArgs) -> CliResult {
+    let answers = score::read_submission(&args.submission)?;
+    let e = score::evaluate_answers(&answers, &args.truth, &args.submission)?;
+    print_evaluation(&e, args.details);
+    Ok(())
+}
+
+fn print_evaluation(e: &score::Evaluation, details: bool) {
+    let found = e.known.iter().filter(|(_, _, r)| r.is_some()).count();
+    println!(
+        "known whales found in top 5: {found}/{}; new_whale ranked first: {}/{}",
+        e.known.len(),
+        e.new_first,
+        e.new_total
+    );
+    if details {
+        for (image, whale, rank) in &e.known {
+            let rank = rank.map_or("-".to_owned(), |r| r.to_string());
+            println!("  {image} {whale} rank {rank}");
+        }
+    }
+    println!("MAP@5 {:.4}", e.map5);
 }
 
 /// Leave-one-out calibration of the new_whale threshold.
 fn calibrate(args: CalibrateArgs) -> CliResult {
     let Some(mut catalog) = Catalog::open_existing(&args.catalog)? else {
-        return Err(format!("{}: no catalog here; build one with `flukeid index`", args.catalog.display()).into());
+        return Err(format!(
+            "{}: no catalog here; build one with `flukeid index`",
+            args.catalog.display()
+        )
+        .into());
     };
     let rows = catalog.load_all()?;
-    let Some(c) = identify::calibrate(&rows) else {
-        return Err(format!("{}: calibration needs at least two sightings", args.catalog.display()).into());
+    if let Some(share) = args.new_share {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(format!("--new-share must be between 0 and 1, got {share}").into());
+        }
+    }
+    let Some(c) = identify::calibrate(&rows, args.new_share) else {
+        return Err(format!(
+            "{}: calibration needs at least two sightings",
+            args.catalog.display()
+        )
+        .into());
     };
     println!(
-        "threshold {:.2}: leave-one-out MAP@5 {:.4} over {} queries ({} of a repeat whale, {} playing new_whale)",
+        "threshold {:.2}: leave-one-out MAP@5 {:.4} over {} queries ({} of a repeat whale, {} playing new_whale{})",
         c.threshold,
         c.map5,
         c.known + c.new,
         c.known,
-        c.new
+        c.new,
+        args.new_share.map_or(String::new(), |s| format!(", weighted to a new share of {s}"))
     );
     if !args.dry_run {
         drop(catalog);
@@ -334,7 +424,12 @@ fn convert_weights(args: ConvertArgs) -> CliResult {
     let sha = weights::convert_checkpoint(&args.checkpoint, &args.out)?;
     println!("wrote {} (SHA-256 {sha})", args.out.display());
     if sha != weights::BACKBONE_SHA256 {
-        return Err(format!("{}: SHA-256 differs from the shipped file's {}", args.out.display(), weights::BACKBONE_SHA256).into());
+        return Err(format!(
+            "{}: SHA-256 differs from the shipped file's {}",
+            args.out.display(),
+            weights::BACKBONE_SHA256
+        )
+        .into());
     }
     Ok(())
 }

@@ -84,7 +84,11 @@ impl std::str::FromStr for InputSize {
             width: parse(w)?,
             height: parse(h)?,
         };
-        if size.width == 0 || size.height == 0 || size.width % 32 != 0 || size.height % 32 != 0 {
+        if size.width == 0
+            || size.height == 0
+            || !size.width.is_multiple_of(32)
+            || !size.height.is_multiple_of(32)
+        {
             return Err(format!("{s}: both sides must be positive multiples of 32"));
         }
         Ok(size)
@@ -106,7 +110,9 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, PhotoError
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         // The JPEG decoder fills a cut-off scan with grey and reports
         // success; a half photo would then be matched as if it were whole.
-        return Err(PhotoError::Corrupt("JPEG data ends before the image does (truncated file)".into()));
+        return Err(PhotoError::Corrupt(
+            "JPEG data ends before the image does (truncated file)".into(),
+        ));
     }
 
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
@@ -138,7 +144,11 @@ fn corrupt(e: image::ImageError) -> PhotoError {
 /// inside a scan; an EXIF thumbnail's markers all come before the main
 /// image's scans.
 fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last = |marker: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == marker);
+    let last = |marker: u8| {
+        bytes
+            .windows(2)
+            .rposition(|w| w[0] == 0xFF && w[1] == marker)
+    };
     match (last(0xDA), last(0xD9)) {
         (Some(scan), Some(end)) => end > scan,
         _ => false,
@@ -181,7 +191,11 @@ pub fn to_chw(image: &RgbImage, size: InputSize) -> Vec<f32> {
 }
 
 /// Stacks CHW inputs into one `[batch, 3, height, width]` tensor.
-pub fn batch_tensor(inputs: &[Vec<f32>], size: InputSize, device: &Device) -> candle_core::Result<Tensor> {
+pub fn batch_tensor(
+    inputs: &[Vec<f32>],
+    size: InputSize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let flat: Vec<f32> = inputs.iter().flatten().copied().collect();
     Tensor::from_vec(
         flat,

@@ -11,7 +11,9 @@ use std::sync::mpsc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::identify::{IdentifyError, Identifier, Prediction};
+use crate::catalog::Sighting;
+use crate::identify::{self, Identifier, IdentifyError, Prediction};
+use crate::index::Hit;
 use crate::labels::{self, LabelRow, LabelsError};
 use crate::photo::{self, DecodeLimits, PhotoError};
 
@@ -48,7 +50,13 @@ pub enum ScoreError {
     #[error(transparent)]
     Labels(#[from] LabelsError),
     #[error(transparent)]
-    Identify(#[from] IdentifyError),
+    Identify(Box<IdentifyError>),
+}
+
+impl From<IdentifyError> for ScoreError {
+    fn from(e: IdentifyError) -> Self {
+        Self::Identify(Box::new(e))
+    }
 }
 
 /// One scored photo.
@@ -56,6 +64,20 @@ pub enum ScoreError {
 pub struct Scored {
     pub image: String,
     pub predictions: Vec<Prediction>,
+    /// The nearest sightings the predictions were ranked from, kept so the
+    /// same photos can be re-ranked at other thresholds.
+    pub neighbours: Vec<(Hit, Sighting)>,
+}
+
+impl Scored {
+    /// The answers this photo would get at another threshold.
+    pub fn rerank(&self, threshold: f32) -> Vec<String> {
+        let hits: Vec<(Hit, &Sighting)> = self.neighbours.iter().map(|(h, s)| (*h, s)).collect();
+        identify::rank(&hits, threshold, identify::TOP)
+            .into_iter()
+            .map(|p| p.whale_id)
+            .collect()
+    }
 }
 
 /// The photo files in a folder, by name.
@@ -71,7 +93,11 @@ pub fn list_images(dir: &Path) -> Result<Vec<String>, ScoreError> {
             source,
         })?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ext = name.rsplit('.').next().unwrap_or_default().to_ascii_lowercase();
+        let ext = name
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
         if entry.path().is_file() && ["jpg", "jpeg", "png", "webp"].contains(&ext.as_str()) {
             names.push(name);
         }
@@ -112,7 +138,8 @@ where
                         path: path.clone(),
                         source,
                     })?;
-                    photo::decode(&bytes, limits).map_err(|source| ScoreError::Photo { path, source })
+                    photo::decode(&bytes, limits)
+                        .map_err(|source| ScoreError::Photo { path, source })
                 })
                 .collect();
             let failed = decoded.is_err();
@@ -144,16 +171,31 @@ where
 
 /// Identifies every photo in `dir`, with a progress bar on stderr when
 /// `progress` is set.
-pub fn score_folder(identifier: &Identifier, dir: &Path, batch: usize, limits: DecodeLimits, progress: bool) -> Result<Vec<Scored>, ScoreError> {
+pub fn score_folder(
+    identifier: &Identifier,
+    dir: &Path,
+    batch: usize,
+    limits: DecodeLimits,
+    progress: bool,
+) -> Result<Vec<Scored>, ScoreError> {
     let names = list_images(dir)?;
     let bar = progress_bar(names.len() as u64, progress, "scoring");
     let mut scored = Vec::with_capacity(names.len());
     decode_batches(dir, &names, batch, limits, |chunk, images| {
-        let predictions = identifier.identify_images(&images)?;
-        for (name, predictions) in chunk.iter().zip(predictions) {
+        let embeddings = identifier
+            .embedder()
+            .embed_images(&images)
+            .map_err(|e| ScoreError::from(IdentifyError::from(e)))?;
+        for (name, embedding) in chunk.iter().zip(embeddings) {
+            let neighbours = identifier.neighbours(&embedding, identify::NEIGHBOURS);
+            let predictions = identify::rank(&neighbours, identifier.threshold(), identify::TOP);
             scored.push(Scored {
                 image: name.clone(),
                 predictions,
+                neighbours: neighbours
+                    .into_iter()
+                    .map(|(h, s)| (h, s.clone()))
+                    .collect(),
             });
         }
         bar.inc(chunk.len() as u64);
@@ -170,8 +212,10 @@ pub fn progress_bar(len: u64, visible: bool, what: &str) -> ProgressBar {
     }
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{msg} {wide_bar} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
     );
     bar.set_message(what.to_owned());
     bar
@@ -187,7 +231,8 @@ pub fn write_submission(path: &Path, scored: &[Scored]) -> Result<(), ScoreError
     };
     let tmp = path.with_file_name(format!(
         ".{}.partial",
-        path.file_name().map_or("submission".into(), |n| n.to_string_lossy())
+        path.file_name()
+            .map_or("submission".into(), |n| n.to_string_lossy())
     ));
     let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
     writeln!(out, "Image,Id").map_err(io)?;
@@ -195,7 +240,10 @@ pub fn write_submission(path: &Path, scored: &[Scored]) -> Result<(), ScoreError
         let ids: Vec<&str> = s.predictions.iter().map(|p| p.whale_id.as_str()).collect();
         writeln!(out, "{},{}", s.image, ids.join(" ")).map_err(io)?;
     }
-    out.into_inner().map_err(|e| io(e.into_error()))?.sync_all().map_err(io)?;
+    out.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
@@ -215,27 +263,71 @@ pub struct Evaluation {
 /// Compares scored photos with a truth file (`Image,Id`). Every truth row
 /// must have been scored.
 pub fn evaluate(scored: &[Scored], truth_path: &Path) -> Result<Evaluation, ScoreError> {
+    let answers: HashMap<String, Vec<String>> = scored
+        .iter()
+        .map(|s| {
+            (
+                s.image.clone(),
+                s.predictions.iter().map(|p| p.whale_id.clone()).collect(),
+            )
+        })
+        .collect();
+    evaluate_answers(&answers, truth_path, Path::new("the scored folder"))
+}
+
+/// MAP@5 of the same scored photos at thresholds `from`, `from + step`, …
+/// up to `to`. Chosen on a truth file, such a threshold is tuned to it: the
+/// table shows how sensitive the score is, not a fair result.
+pub fn threshold_sweep(
+    scored: &[Scored],
+    truth_path: &Path,
+    from: f32,
+    to: f32,
+    step: f32,
+) -> Result<Vec<(f32, f64)>, ScoreError> {
+    let mut table = Vec::new();
+    let steps = ((to - from) / step).round() as usize;
+    for i in 0..=steps {
+        let threshold = from + i as f32 * step;
+        let answers: HashMap<String, Vec<String>> = scored
+            .iter()
+            .map(|s| (s.image.clone(), s.rerank(threshold)))
+            .collect();
+        let e = evaluate_answers(&answers, truth_path, Path::new("the scored folder"))?;
+        table.push((threshold, e.map5));
+    }
+    Ok(table)
+}
+
+/// Compares answers (image → ids, best first) with a truth file.
+/// `source` names where the answers came from, for the error when a truth
+/// row has none.
+pub fn evaluate_answers(
+    answers: &HashMap<String, Vec<String>>,
+    truth_path: &Path,
+    source: &Path,
+) -> Result<Evaluation, ScoreError> {
     let truth: Vec<LabelRow> = labels::read_labels(truth_path)?;
-    let by_image: HashMap<&str, &Scored> = scored.iter().map(|s| (s.image.as_str(), s)).collect();
     let mut queries = Vec::with_capacity(truth.len());
     let mut known = Vec::new();
     let (mut new_total, mut new_first) = (0, 0);
     for row in &truth {
-        let s = by_image.get(row.image.as_str()).ok_or_else(|| LabelsError::MissingImage {
-            path: truth_path.to_owned(),
-            line: row.line,
-            image: row.image.clone(),
-            dir: PathBuf::from("the scored folder"),
-        })?;
-        let ids: Vec<String> = s.predictions.iter().map(|p| p.whale_id.clone()).collect();
-        let rank = ids.iter().position(|i| *i == row.id).map(|r| r + 1);
+        let ids = answers
+            .get(&row.image)
+            .ok_or_else(|| LabelsError::MissingImage {
+                path: truth_path.to_owned(),
+                line: row.line,
+                image: row.image.clone(),
+                dir: source.to_owned(),
+            })?;
+        let rank = ids.iter().take(5).position(|i| *i == row.id).map(|r| r + 1);
         if row.id == labels::NEW_WHALE {
             new_total += 1;
             new_first += usize::from(rank == Some(1));
         } else {
             known.push((row.image.clone(), row.id.clone(), rank));
         }
-        queries.push((ids, row.id.clone()));
+        queries.push((ids.clone(), row.id.clone()));
     }
     Ok(Evaluation {
         map5: map_at_5(&queries),
@@ -244,6 +336,54 @@ pub fn evaluate(scored: &[Scored], truth_path: &Path) -> Result<Evaluation, Scor
         new_total,
         new_first,
     })
+}
+
+/// Reads a Kaggle submission (`Image,Id`, space-separated ids, best
+/// first). Errors name the file and line.
+pub fn read_submission(path: &Path) -> Result<HashMap<String, Vec<String>>, ScoreError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ScoreError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let bad = |line: usize, reason: String| {
+        ScoreError::Labels(LabelsError::Row {
+            path: path.to_owned(),
+            line: line as u64,
+            reason,
+        })
+    };
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, header)) if header.trim() == "Image,Id" => {}
+        other => {
+            return Err(bad(
+                1,
+                format!(
+                    "expected the header `Image,Id`, found {:?}",
+                    other.map_or("", |o| o.1)
+                ),
+            ))
+        }
+    }
+    let mut answers = HashMap::new();
+    for (index, line) in lines {
+        let line_no = index + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (image, ids) = line
+            .split_once(',')
+            .ok_or_else(|| bad(line_no, "expected `Image,Id`".into()))?;
+        let ids: Vec<String> = ids.split_whitespace().map(str::to_owned).collect();
+        if ids.is_empty() {
+            return Err(bad(line_no, format!("no ids for {image}")));
+        }
+        if answers.insert(image.trim().to_owned(), ids).is_some() {
+            return Err(bad(line_no, format!("image {image} is listed again")));
+        }
+    }
+    Ok(answers)
 }
 
 #[cfg(test)]
@@ -257,7 +397,10 @@ mod tests {
     #[test]
     fn average_precision_is_reciprocal_rank_of_first_hit() {
         assert_eq!(average_precision(&["a", "b", "c", "d", "e"], "a"), 1.0);
-        assert_eq!(average_precision(&["a", "b", "c", "d", "e"], "c"), 1.0 / 3.0);
+        assert_eq!(
+            average_precision(&["a", "b", "c", "d", "e"], "c"),
+            1.0 / 3.0
+        );
         assert_eq!(average_precision(&["a", "b", "c", "d", "e"], "e"), 0.2);
         assert_eq!(average_precision(&["a", "b", "c", "d", "e"], "z"), 0.0);
     }

@@ -130,7 +130,10 @@ pub fn read_legacy_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>, We
     let keys: Vec<String> = match keys {
         Object::List(items) => items
             .into_iter()
-            .map(|k| k.unicode().map_err(|o| format_err(format!("bad key {o:?}"))))
+            .map(|k| {
+                k.unicode()
+                    .map_err(|o| format_err(format!("bad key {o:?}")))
+            })
             .collect::<Result<_, _>>()?,
         other => return Err(format_err(format!("storage keys are {other:?}"))),
     };
@@ -166,12 +169,11 @@ pub fn read_legacy_checkpoint(path: &Path) -> Result<HashMap<String, Tensor>, We
         let data = storages
             .get(&entry.storage_key)
             .ok_or_else(|| format_err(format!("{}: storage missing", entry.name)))?;
-        let tensor = rebuild(data, &entry.shape, &entry.stride).map_err(|source| {
-            WeightsError::Tensor {
+        let tensor =
+            rebuild(data, &entry.shape, &entry.stride).map_err(|source| WeightsError::Tensor {
                 path: path.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         tensors.insert(entry.name, tensor);
     }
     Ok(tensors)
@@ -218,12 +220,7 @@ fn state_entries(state: Object) -> Result<Vec<Entry>, String> {
             .into_tensor_info(Object::Unicode(name.clone()), Path::new(""))
             .map_err(|e| format!("{name}: {e}"))?
             .ok_or_else(|| format!("{name}: not a tensor"))?;
-        let storage_key = info
-            .path
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let storage_key = info.path.rsplit('/').next().unwrap_or_default().to_owned();
         if info.layout.start_offset() != 0 {
             return Err(format!("{name}: storage offset is not 0"));
         }

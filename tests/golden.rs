@@ -13,7 +13,9 @@ use flukeid::weights;
 const TOLERANCE: f32 = 1e-4;
 
 fn backbone() -> Backbone {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(weights::BACKBONE_FILE);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(weights::BACKBONE_FILE);
     Backbone::load(&path, &Device::Cpu).expect("shipped backbone loads")
 }
 
@@ -28,7 +30,9 @@ struct Golden {
 /// bit for bit, and the reference outputs.
 fn golden(name: &str) -> Golden {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden");
-    let image = image::open(dir.join(format!("{name}.png"))).unwrap().into_rgb8();
+    let image = image::open(dir.join(format!("{name}.png")))
+        .unwrap()
+        .into_rgb8();
     let (w, h) = image.dimensions();
     let plane = (w * h) as usize;
     let mut input = vec![0f32; 3 * plane];
@@ -40,19 +44,32 @@ fn golden(name: &str) -> Golden {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.json"))).unwrap()).unwrap();
     let floats = |key: &str| -> Vec<f32> {
-        json[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+        json[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
     };
     Golden {
         input: Tensor::from_vec(input, (1, 3, h as usize, w as usize), &Device::Cpu).unwrap(),
         logits: floats("logits"),
         features: floats("pooled_features_1280"),
-        top5: json["top5_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect(),
+        top5: json["top5_indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect(),
     }
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn top5(logits: &[f32]) -> Vec<usize> {
@@ -112,7 +129,9 @@ fn batched_inputs_give_the_same_logits_as_single_ones() {
 #[test]
 fn damaged_weight_file_is_refused_by_checksum() {
     let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(weights::BACKBONE_FILE);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(weights::BACKBONE_FILE);
     let mut bytes = std::fs::read(src).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;

@@ -25,7 +25,14 @@ fn catalog() -> &'static Path {
         let root = tempfile::tempdir().unwrap().keep();
         let (photos, labels) = common::kaggle_folder(&root, WHALES, 2);
         let catalog = root.join("catalog");
-        ingest::ingest_folder(&common::embedder(), &photos, &labels, &catalog, &IngestOptions::default()).unwrap();
+        ingest::ingest_folder(
+            &common::embedder(),
+            &photos,
+            &labels,
+            &catalog,
+            &IngestOptions::default(),
+        )
+        .unwrap();
         catalog
     })
 }
@@ -61,7 +68,10 @@ fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> TestRequest {
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     TestRequest::post()
         .uri("/v1/identify")
-        .insert_header(("content-type", format!("multipart/form-data; boundary={boundary}")))
+        .insert_header((
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        ))
         .set_payload(body)
 }
 
@@ -72,7 +82,8 @@ fn photo(bytes: &[u8]) -> TestRequest {
 async fn json(response: ServiceResponse) -> (StatusCode, Value) {
     let status = response.status();
     let body = test::read_body(response).await;
-    let value = serde_json::from_slice(&body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&body)));
+    let value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&body)));
     (status, value)
 }
 
@@ -80,7 +91,10 @@ async fn expect_error(response: ServiceResponse, status: StatusCode, code: &str)
     let (got, body) = json(response).await;
     assert_eq!(got, status, "{body}");
     assert_eq!(body["code"], code, "{body}");
-    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
 }
 
 #[actix_web::test]
@@ -94,8 +108,14 @@ async fn identify_returns_the_resighted_whale_first() {
     let predictions = body["predictions"].as_array().unwrap();
     assert_eq!(predictions.len(), 5);
     assert_eq!(predictions[0]["whale_id"], "w_3", "{body}");
-    assert!(predictions[0]["sighting"]["image"].as_str().unwrap().starts_with("w3_"));
-    let mut ids: Vec<&str> = predictions.iter().map(|p| p["whale_id"].as_str().unwrap()).collect();
+    assert!(predictions[0]["sighting"]["image"]
+        .as_str()
+        .unwrap()
+        .starts_with("w3_"));
+    let mut ids: Vec<&str> = predictions
+        .iter()
+        .map(|p| p["whale_id"].as_str().unwrap())
+        .collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 5, "duplicate ids in {body}");
@@ -113,7 +133,9 @@ async fn new_whale_sits_where_scores_cross_the_threshold() {
     assert_eq!(status, StatusCode::OK, "{body}");
     let threshold = body["threshold"].as_f64().unwrap();
     let predictions = body["predictions"].as_array().unwrap();
-    let at = predictions.iter().position(|p| p["whale_id"] == "new_whale");
+    let at = predictions
+        .iter()
+        .position(|p| p["whale_id"] == "new_whale");
     for (rank, p) in predictions.iter().enumerate() {
         let score = p["score"].as_f64().unwrap();
         match at {
@@ -142,44 +164,108 @@ async fn bad_uploads_get_json_errors_and_leave_the_catalog_unchanged() {
     let animated = {
         use image::codecs::gif::GifEncoder;
         use image::{Delay, Frame, RgbaImage};
-        let frame = |v| Frame::from_parts(RgbaImage::from_pixel(8, 8, image::Rgba([v, v, v, 255])), 0, 0, Delay::from_numer_denom_ms(50, 1));
+        let frame = |v| {
+            Frame::from_parts(
+                RgbaImage::from_pixel(8, 8, image::Rgba([v, v, v, 255])),
+                0,
+                0,
+                Delay::from_numer_denom_ms(50, 1),
+            )
+        };
         let mut out = Vec::new();
-        GifEncoder::new(&mut out).encode_frames(vec![frame(0), frame(255)]).unwrap();
+        GifEncoder::new(&mut out)
+            .encode_frames(vec![frame(0), frame(255)])
+            .unwrap();
         out
     };
 
     let cases: Vec<(TestRequest, StatusCode, &str)> = vec![
         (photo(&[]), StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
-        (photo(b"not a photo at all\n"), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
-        (photo(&truncated), StatusCode::UNPROCESSABLE_ENTITY, "undecodable_image"),
-        (photo(&huge_png), StatusCode::UNPROCESSABLE_ENTITY, "image_too_large"),
-        (photo(&animated), StatusCode::UNPROCESSABLE_ENTITY, "animated_image"),
-        (multipart(&[("photo", Some("a.jpg"), &good)]), StatusCode::BAD_REQUEST, "missing_image"),
-        (multipart(&[("comment", None, b"hello")]), StatusCode::BAD_REQUEST, "missing_image"),
         (
-            multipart(&[("image", Some("a.jpg"), &good), ("image", Some("b.jpg"), &good)]),
+            photo(b"not a photo at all\n"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            photo(&truncated),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "undecodable_image",
+        ),
+        (
+            photo(&huge_png),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "image_too_large",
+        ),
+        (
+            photo(&animated),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "animated_image",
+        ),
+        (
+            multipart(&[("photo", Some("a.jpg"), &good)]),
+            StatusCode::BAD_REQUEST,
+            "missing_image",
+        ),
+        (
+            multipart(&[("comment", None, b"hello")]),
+            StatusCode::BAD_REQUEST,
+            "missing_image",
+        ),
+        (
+            multipart(&[
+                ("image", Some("a.jpg"), &good),
+                ("image", Some("b.jpg"), &good),
+            ]),
             StatusCode::BAD_REQUEST,
             "too_many_files",
         ),
-        (photo(&vec![0u8; 300_000]), StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
         (
-            TestRequest::post().uri("/v1/identify").insert_header(("content-type", "application/json")).set_payload("{}"),
+            photo(&vec![0u8; 300_000]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+        (
+            TestRequest::post()
+                .uri("/v1/identify")
+                .insert_header(("content-type", "application/json"))
+                .set_payload("{}"),
             StatusCode::BAD_REQUEST,
             "bad_request",
         ),
-        (TestRequest::get().uri("/v1/identify"), StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-        (TestRequest::get().uri("/v1/nothing"), StatusCode::NOT_FOUND, "not_found"),
-        (TestRequest::get().uri("/v1/whales/w_404"), StatusCode::NOT_FOUND, "unknown_whale"),
+        (
+            TestRequest::get().uri("/v1/identify"),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            TestRequest::get().uri("/v1/nothing"),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            TestRequest::get().uri("/v1/whales/w_404"),
+            StatusCode::NOT_FOUND,
+            "unknown_whale",
+        ),
     ];
     for (request, status, code) in cases {
-        expect_error(test::call_service(&app, request.to_request()).await, status, code).await;
+        expect_error(
+            test::call_service(&app, request.to_request()).await,
+            status,
+            code,
+        )
+        .await;
     }
 
     // Still serving after every error.
     let (status, body) = json(test::call_service(&app, photo(&good).to_request()).await).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["predictions"][0]["whale_id"], "w_1");
-    assert_eq!(common::snapshot(catalog()), before, "a request changed the catalog");
+    assert_eq!(
+        common::snapshot(catalog()),
+        before,
+        "a request changed the catalog"
+    );
 }
 
 #[actix_web::test]
@@ -189,21 +275,39 @@ async fn odd_but_valid_photos_are_identified() {
     let base = common::resighting(4);
 
     let gray: ImageBuffer<Luma<u8>, Vec<u8>> = DynamicImage::ImageRgb8(base.clone()).into_luma8();
-    let sixteen: ImageBuffer<Rgb<u16>, Vec<u16>> = DynamicImage::ImageRgb8(base.clone()).into_rgb16();
+    let sixteen: ImageBuffer<Rgb<u16>, Vec<u16>> =
+        DynamicImage::ImageRgb8(base.clone()).into_rgb16();
     let mut cmyk = Vec::new();
     for p in base.pixels() {
         let k = 255 - p.0.iter().max().unwrap();
-        let ink = |c: u8| if k == 255 { 0 } else { ((255 - c - k) as u32 * 255 / (255 - k) as u32) as u8 };
+        let ink = |c: u8| {
+            if k == 255 {
+                0
+            } else {
+                ((255 - c - k) as u32 * 255 / (255 - k) as u32) as u8
+            }
+        };
         cmyk.extend_from_slice(&[ink(p[0]), ink(p[1]), ink(p[2]), k]);
     }
     let mut cmyk_jpeg = Vec::new();
     jpeg_encoder::Encoder::new(&mut cmyk_jpeg, 92)
-        .encode(&cmyk, base.width() as u16, base.height() as u16, jpeg_encoder::ColorType::Cmyk)
+        .encode(
+            &cmyk,
+            base.width() as u16,
+            base.height() as u16,
+            jpeg_encoder::ColorType::Cmyk,
+        )
         .unwrap();
 
     for (what, bytes) in [
-        ("grayscale PNG", common::png_bytes(&DynamicImage::ImageLuma8(gray))),
-        ("16-bit PNG", common::png_bytes(&DynamicImage::ImageRgb16(sixteen))),
+        (
+            "grayscale PNG",
+            common::png_bytes(&DynamicImage::ImageLuma8(gray)),
+        ),
+        (
+            "16-bit PNG",
+            common::png_bytes(&DynamicImage::ImageRgb16(sixteen)),
+        ),
         ("CMYK JPEG", cmyk_jpeg),
     ] {
         let (status, body) = json(test::call_service(&app, photo(&bytes).to_request()).await).await;
@@ -219,13 +323,17 @@ async fn odd_but_valid_photos_are_identified() {
 async fn whale_endpoint_lists_sightings() {
     let service = ready_service(ServeOptions::default());
     let app = app!(service);
-    let (status, body) = json(test::call_service(&app, TestRequest::get().uri("/v1/whales/w_2").to_request()).await).await;
+    let (status, body) =
+        json(test::call_service(&app, TestRequest::get().uri("/v1/whales/w_2").to_request()).await)
+            .await;
     assert_eq!(status, StatusCode::OK);
     let sightings = body["sightings"].as_array().unwrap();
     assert_eq!(sightings.len(), 2);
     assert_eq!(sightings[0]["image"], "w2_0.png");
     assert_eq!(sightings[1]["image"], "w2_1.png");
-    assert!(sightings.iter().all(|s| s["whale_id"] == "w_2" && s["added_at"].as_str().unwrap().ends_with('Z')));
+    assert!(sightings
+        .iter()
+        .all(|s| s["whale_id"] == "w_2" && s["added_at"].as_str().unwrap().ends_with('Z')));
 }
 
 #[actix_web::test]
@@ -242,7 +350,8 @@ async fn not_ready_until_the_catalog_is_loaded() {
     expect_error(response, StatusCode::SERVICE_UNAVAILABLE, "not_ready").await;
 
     service.set_ready(Identifier::open(catalog(), common::embedder(), None).unwrap());
-    let (status, body) = json(test::call_service(&app, TestRequest::get().uri("/readyz").to_request()).await).await;
+    let (status, body) =
+        json(test::call_service(&app, TestRequest::get().uri("/readyz").to_request()).await).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["sightings"], 2 * WHALES);
 }
@@ -251,8 +360,13 @@ async fn not_ready_until_the_catalog_is_loaded() {
 async fn served_openapi_matches_the_committed_file() {
     let service = Service::new(ServeOptions::default());
     let app = app!(service);
-    let body = test::call_and_read_body(&app, TestRequest::get().uri("/v1/openapi.json").to_request()).await;
-    let committed = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("api-spec/openapi.json")).unwrap();
+    let body = test::call_and_read_body(
+        &app,
+        TestRequest::get().uri("/v1/openapi.json").to_request(),
+    )
+    .await;
+    let committed =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("api-spec/openapi.json")).unwrap();
     assert_eq!(
         body.as_ref(),
         committed.as_slice(),

@@ -22,7 +22,10 @@ fn zero_byte_file_is_empty_error() {
 #[test]
 fn text_file_named_jpg_is_unknown_format() {
     let text = b"Image,Id\nthis is not a photo\n";
-    assert!(matches!(decode(text, limits()), Err(PhotoError::UnknownFormat)));
+    assert!(matches!(
+        decode(text, limits()),
+        Err(PhotoError::UnknownFormat)
+    ));
 }
 
 #[test]
@@ -39,7 +42,12 @@ fn truncated_jpeg_is_corrupt() {
 #[test]
 fn png_header_claiming_50000_by_50000_is_refused_before_decoding() {
     match decode(&common::huge_png_header(), limits()) {
-        Err(PhotoError::TooLarge { width, height, pixels, limit }) => {
+        Err(PhotoError::TooLarge {
+            width,
+            height,
+            pixels,
+            limit,
+        }) => {
             assert_eq!((width, height), (50_000, 50_000));
             assert_eq!(pixels, 2_500_000_000);
             assert_eq!(limit, 64_000_000);
@@ -67,7 +75,11 @@ fn cmyk_jpeg_is_converted_to_rgb() {
     let mut cmyk = Vec::new();
     for _y in 0..h {
         for x in 0..w {
-            let pixel: [u8; 4] = if x < w / 2 { [255, 0, 0, 0] } else { [0, 0, 0, 0] };
+            let pixel: [u8; 4] = if x < w / 2 {
+                [255, 0, 0, 0]
+            } else {
+                [0, 0, 0, 0]
+            };
             cmyk.extend_from_slice(&pixel);
         }
     }
@@ -79,23 +91,43 @@ fn cmyk_jpeg_is_converted_to_rgb() {
     assert_eq!(rgb.dimensions(), (64, 32));
     let cyan = rgb.get_pixel(8, 16);
     let white = rgb.get_pixel(56, 16);
-    assert!(cyan[0] < 80 && cyan[1] > 170 && cyan[2] > 170, "cyan came out as {cyan:?}");
-    assert!(white.0.iter().all(|&v| v > 230), "paper came out as {white:?}");
+    assert!(
+        cyan[0] < 80 && cyan[1] > 170 && cyan[2] > 170,
+        "cyan came out as {cyan:?}"
+    );
+    assert!(
+        white.0.iter().all(|&v| v > 230),
+        "paper came out as {white:?}"
+    );
 }
 
 #[test]
 fn sixteen_bit_png_is_scaled_to_eight_bits() {
-    let image: ImageBuffer<Rgb<u16>, Vec<u16>> =
-        ImageBuffer::from_fn(10, 6, |x, _| if x < 5 { Rgb([65535, 32896, 0]) } else { Rgb([0, 0, 65535]) });
-    let rgb = decode(&common::png_bytes(&DynamicImage::ImageRgb16(image)), limits()).unwrap();
+    let image: ImageBuffer<Rgb<u16>, Vec<u16>> = ImageBuffer::from_fn(10, 6, |x, _| {
+        if x < 5 {
+            Rgb([65535, 32896, 0])
+        } else {
+            Rgb([0, 0, 65535])
+        }
+    });
+    let rgb = decode(
+        &common::png_bytes(&DynamicImage::ImageRgb16(image)),
+        limits(),
+    )
+    .unwrap();
     assert_eq!(rgb.get_pixel(0, 0).0, [255, 128, 0]);
     assert_eq!(rgb.get_pixel(9, 5).0, [0, 0, 255]);
 }
 
 #[test]
 fn grayscale_image_becomes_equal_rgb_channels() {
-    let gray: ImageBuffer<Luma<u8>, Vec<u8>> = ImageBuffer::from_fn(12, 8, |x, _| Luma([(x * 20) as u8]));
-    let rgb = decode(&common::png_bytes(&DynamicImage::ImageLuma8(gray)), limits()).unwrap();
+    let gray: ImageBuffer<Luma<u8>, Vec<u8>> =
+        ImageBuffer::from_fn(12, 8, |x, _| Luma([(x * 20) as u8]));
+    let rgb = decode(
+        &common::png_bytes(&DynamicImage::ImageLuma8(gray)),
+        limits(),
+    )
+    .unwrap();
     assert_eq!(rgb.get_pixel(3, 2).0, [60, 60, 60]);
 }
 
@@ -103,13 +135,23 @@ fn grayscale_image_becomes_equal_rgb_channels() {
 fn animated_gif_is_refused_and_still_gif_accepted() {
     use image::codecs::gif::GifEncoder;
     use image::{Delay, Frame, RgbaImage};
-    let frame = |v: u8| Frame::from_parts(RgbaImage::from_pixel(16, 16, image::Rgba([v, v, v, 255])), 0, 0, Delay::from_numer_denom_ms(100, 1));
+    let frame = |v: u8| {
+        Frame::from_parts(
+            RgbaImage::from_pixel(16, 16, image::Rgba([v, v, v, 255])),
+            0,
+            0,
+            Delay::from_numer_denom_ms(100, 1),
+        )
+    };
     let mut animated = Vec::new();
     {
         let mut encoder = GifEncoder::new(&mut animated);
         encoder.encode_frames(vec![frame(10), frame(200)]).unwrap();
     }
-    assert!(matches!(decode(&animated, limits()), Err(PhotoError::Animated)));
+    assert!(matches!(
+        decode(&animated, limits()),
+        Err(PhotoError::Animated)
+    ));
 
     let mut still = Vec::new();
     {
@@ -149,7 +191,10 @@ fn exif_orientation_is_applied() {
 fn webp_is_decoded() {
     let mut webp = Vec::new();
     DynamicImage::ImageRgb8(gradient(30, 10))
-        .write_to(&mut std::io::Cursor::new(&mut webp), image::ImageFormat::WebP)
+        .write_to(
+            &mut std::io::Cursor::new(&mut webp),
+            image::ImageFormat::WebP,
+        )
         .unwrap();
     let rgb = decode(&webp, limits()).unwrap();
     assert_eq!(rgb.get_pixel(2, 1).0, [14, 5, 90]);
@@ -157,7 +202,13 @@ fn webp_is_decoded() {
 
 #[test]
 fn input_size_parses_and_rejects_sizes_off_the_32_grid() {
-    assert_eq!("448x224".parse::<InputSize>().unwrap(), InputSize { width: 448, height: 224 });
+    assert_eq!(
+        "448x224".parse::<InputSize>().unwrap(),
+        InputSize {
+            width: 448,
+            height: 224
+        }
+    );
     assert!("450x224".parse::<InputSize>().is_err());
     assert!("0x224".parse::<InputSize>().is_err());
     assert!("448".parse::<InputSize>().is_err());

@@ -42,7 +42,11 @@ pub fn kaggle_folder(root: &Path, whales: u32, per_whale: u32) -> (PathBuf, Path
     for whale in 0..whales {
         for k in 0..per_whale {
             let name = format!("w{whale}_{k}.png");
-            let image = if k == 0 { synthetic_fluke(whale, 640, 320) } else { resighting(whale) };
+            let image = if k == 0 {
+                synthetic_fluke(whale, 640, 320)
+            } else {
+                resighting(whale)
+            };
             image.save(photos.join(&name)).unwrap();
             labels.push_str(&format!("{name},w_{whale}\n"));
         }
@@ -72,13 +76,20 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 pub fn png_bytes(image: &image::DynamicImage) -> Vec<u8> {
     let mut out = Vec::new();
-    image.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
     out
 }
 
 pub fn jpeg_bytes(image: &RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
-    image.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Jpeg).unwrap();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut out),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
     out
 }
 
@@ -100,7 +111,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
