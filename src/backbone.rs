@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use crate::depthwise::{same_padding, DepthwiseKernel};
+use crate::kernels::{same_padding, BiasActivation, DepthwiseKernel, Patches};
 use crate::weights::{self, WeightsError};
 
 /// The BatchNorm epsilon of the TensorFlow original (PyTorch's default,
@@ -165,6 +165,8 @@ struct Pointwise {
     /// `[out, 1]`, broadcast over positions.
     bias: Tensor,
     relu6: bool,
+    /// The bias (and ReLU6) as one in-place pass, for the CPU.
+    epilogue: BiasActivation,
 }
 
 impl Pointwise {
@@ -179,6 +181,10 @@ impl Pointwise {
         let (weight, bias) = w.conv_bn(conv, bn, &[out, inp, 1, 1])?;
         Ok(Self {
             weight: weight.reshape((out, inp))?,
+            epilogue: BiasActivation {
+                bias: bias.to_device(&Device::Cpu)?.to_vec1()?,
+                relu6,
+            },
             bias: bias.reshape((out, 1))?,
             relu6,
         })
@@ -187,11 +193,19 @@ impl Pointwise {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let flat = x.reshape((batch, channels, height * width))?;
-        let y = self
-            .weight
-            .broadcast_matmul(&flat)?
-            .broadcast_add(&self.bias)?;
-        let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
+        let y = self.weight.broadcast_matmul(&flat)?;
+        let y = if y.device().is_cpu() && y.is_contiguous() {
+            // The product is a fresh tensor nobody else holds.
+            y.inplace_op1(&self.epilogue)?;
+            y
+        } else {
+            let y = y.broadcast_add(&self.bias)?;
+            if self.relu6 {
+                y.clamp(0f32, 6f32)?
+            } else {
+                y
+            }
+        };
         y.reshape((batch, (), height, width))
     }
 }
@@ -258,14 +272,30 @@ fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> candle_core::Result<Ten
 struct Stem {
     weight: Tensor,
     bias: Tensor,
+    epilogue: BiasActivation,
 }
 
 impl Stem {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        pad_same(x, 3, 2)?
-            .conv2d(&self.weight, 0, 2, 1, 1)?
-            .broadcast_add(&self.bias)?
-            .clamp(0f32, 6f32)
+        if !x.device().is_cpu() {
+            return pad_same(x, 3, 2)?
+                .conv2d(&self.weight, 0, 2, 1, 1)?
+                .broadcast_add(&self.bias)?
+                .clamp(0f32, 6f32);
+        }
+        let (batch, _, height, width) = x.dims4()?;
+        let (out_h, _) = same_padding(height, 3, 2);
+        let (out_w, _) = same_padding(width, 3, 2);
+        let patches = x.contiguous()?.apply_op1_no_bwd(&Patches {
+            kernel: 3,
+            stride: 2,
+        })?;
+        let y = self
+            .weight
+            .reshape((STEM_CHANNELS, ()))?
+            .broadcast_matmul(&patches)?;
+        y.inplace_op1(&self.epilogue)?;
+        y.reshape((batch, STEM_CHANNELS, out_h, out_w))
     }
 }
 
@@ -331,6 +361,10 @@ impl Backbone {
             w.conv_bn("_conv_stem", "_bn0", &[STEM_CHANNELS, 3, 3, 3])?;
         let stem = Stem {
             weight: stem_weight,
+            epilogue: BiasActivation {
+                bias: stem_bias.to_device(&Device::Cpu)?.to_vec1()?,
+                relu6: true,
+            },
             bias: stem_bias.reshape((1, STEM_CHANNELS, 1, 1))?,
         };
 

@@ -11,12 +11,12 @@
 pub mod backbone;
 pub mod bench;
 pub mod catalog;
-pub mod depthwise;
 pub mod embed;
 pub mod http;
 pub mod identify;
 pub mod index;
 pub mod ingest;
+pub mod kernels;
 pub mod labels;
 pub mod photo;
 pub mod score;

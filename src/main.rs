@@ -16,6 +16,12 @@ use flukeid::ingest::{self, IngestOptions};
 use flukeid::photo::{DecodeLimits, InputSize};
 use flukeid::{bench, http, score, weights};
 
+/// Every layer of the network allocates its output afresh. The system
+/// allocator hands such large blocks back to the kernel at once, so each
+/// forward pass paid for page faults and zeroing; mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
