@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
@@ -324,6 +325,24 @@ impl Block {
     }
 }
 
+/// Milliseconds spent in each kind of layer during one forward pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LayerTimes {
+    pub stem: f64,
+    /// Expansion 1×1 convolutions.
+    pub expand: f64,
+    /// Depthwise convolutions.
+    pub depthwise: f64,
+    /// Projection 1×1 convolutions and residual additions.
+    pub project: f64,
+    /// The 1×1 head convolution.
+    pub head: f64,
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
 /// EfficientNet-Lite0 with its ImageNet classifier.
 #[derive(Debug, Clone)]
 pub struct Backbone {
@@ -453,6 +472,39 @@ impl Backbone {
             h = block.forward(&h)?;
         }
         Ok(self.head.forward(&h)?)
+    }
+
+    /// Runs [`Backbone::features`] once, timing each kind of layer, for the
+    /// benchmark.
+    pub fn layer_times(&self, x: &Tensor) -> Result<LayerTimes, BackboneError> {
+        let mut times = LayerTimes::default();
+        let clock = Instant::now();
+        let mut h = self.stem.forward(x)?;
+        times.stem = ms(clock);
+        for block in &self.blocks {
+            let clock = Instant::now();
+            let expanded = match &block.expand {
+                Some(expand) => expand.forward(&h)?,
+                None => h.clone(),
+            };
+            times.expand += ms(clock);
+
+            let clock = Instant::now();
+            let filtered = block.depthwise.forward(&expanded)?;
+            times.depthwise += ms(clock);
+
+            let clock = Instant::now();
+            let mut projected = block.project.forward(&filtered)?;
+            if block.residual {
+                projected = (projected + &h)?;
+            }
+            times.project += ms(clock);
+            h = projected;
+        }
+        let clock = Instant::now();
+        self.head.forward(&h)?;
+        times.head = ms(clock);
+        Ok(times)
     }
 
     /// The 1280-d average-pooled feature and the ImageNet logits, as the

@@ -9,6 +9,7 @@ use std::time::Instant;
 use candle_core::Device;
 use image::{Rgb, RgbImage};
 
+use crate::backbone::LayerTimes;
 use crate::embed::Embedder;
 use crate::http::{self, ServeOptions, Service};
 use crate::identify::Identifier;
@@ -122,6 +123,8 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
     embedder.embed_inputs(&inputs[..1])?;
     embedder.embed_inputs(&inputs)?;
 
+    let single_input = crate::photo::batch_tensor(&inputs[..1], input, &Device::Cpu)?;
+    let mut layers = Vec::new();
     let (mut single, mut batched, mut requests) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
@@ -138,6 +141,8 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
             return Err(format!("identify request failed with {}", response.status()).into());
         }
         requests.push(t.elapsed().as_secs_f64() * 1e3);
+
+        layers.push(embedder.backbone().layer_times(&single_input)?);
     }
     let _ = std::fs::remove_dir_all(&scratch);
 
@@ -152,5 +157,14 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
         b8 / b1
     );
     println!("identify request   {req:9.1} ms        ({:.2}x embed batch 1; 1050x700 JPEG, 32-sighting catalog)", req / b1);
+    let kind = |f: fn(&LayerTimes) -> f64| median(layers.iter().map(f).collect());
+    println!(
+        "batch 1 by layer kind (ms): stem {:.1}, expand 1x1 {:.1}, depthwise {:.1}, project 1x1 + residual {:.1}, head {:.1}",
+        kind(|t| t.stem),
+        kind(|t| t.expand),
+        kind(|t| t.depthwise),
+        kind(|t| t.project),
+        kind(|t| t.head)
+    );
     Ok(())
 }
