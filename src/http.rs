@@ -613,7 +613,8 @@ pub async fn serve(service: Arc<Service>, bind: &str) -> std::io::Result<()> {
             .configure(configure(service.clone()))
     })
     .workers(workers)
-    .bind(bind)?;
+    .bind(bind)
+    .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {bind}: {e}")))?;
     for address in server.addrs() {
         tracing::info!(%address, "listening");
     }

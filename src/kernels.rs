@@ -23,6 +23,19 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
     (out, total / 2)
 }
 
+/// The values of a contiguous f32 tensor; the ops here take no other.
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: input not contiguous"),
+        _ => candle_core::bail!("{op}: input must be f32"),
+    }
+}
+
 /// Largest kernel side the depthwise kernel handles (Lite0 uses 3 and 5).
 pub const MAX_KERNEL: usize = 7;
 
@@ -147,11 +160,7 @@ impl CustomOp1 for DepthwiseKernel {
                 self.channels
             );
         }
-        let input = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(data), Some((start, end))) => &data[start..end],
-            (CpuStorage::F32(_), None) => candle_core::bail!("depthwise: input not contiguous"),
-            _ => candle_core::bail!("depthwise: input must be f32"),
-        };
+        let input = contiguous_f32(storage, layout, "depthwise")?;
         let (out_h, _) = same_padding(height, self.kernel, self.stride);
         let (out_w, _) = same_padding(width, self.kernel, self.stride);
         let plane_in = height * width;
@@ -201,11 +210,7 @@ impl CustomOp1 for Patches {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (batch, channels, height, width) = layout.shape().dims4()?;
-        let input = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(data), Some((start, end))) => &data[start..end],
-            (CpuStorage::F32(_), None) => candle_core::bail!("patches: input not contiguous"),
-            _ => candle_core::bail!("patches: input must be f32"),
-        };
+        let input = contiguous_f32(storage, layout, "patches")?;
         let (k, s) = (self.kernel, self.stride);
         let (out_h, pad_top) = same_padding(height, k, s);
         let (out_w, pad_left) = same_padding(width, k, s);
