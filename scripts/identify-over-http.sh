@@ -14,7 +14,7 @@ answers=$(mktemp)
 trap 'rm -f "$answers"' EXIT
 
 for photo in "$dir"/*; do
-  case "${photo,,}" in *.jpg|*.jpeg|*.png|*.webp) ;; *) continue ;; esac
+  case "${photo,,}" in *.jpg|*.jpeg|*.png|*.webp|*.gif|*.tif|*.tiff|*.bmp) ;; *) continue ;; esac
   body=$(curl -sS -w '\n%{http_code} %{time_total}' -F "image=@$photo" "$url/v1/identify")
   status=$(tail -n1 <<<"$body")
   printf '%s\t%s\t%s\n' "$(basename "$photo")" "$status" "$(head -n -1 <<<"$body")" >>"$answers"

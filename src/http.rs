@@ -64,7 +64,7 @@ pub enum ApiError {
     BadRequest(String),
     #[error("multipart field `image` is missing")]
     MissingImage,
-    #[error("send exactly one file in field `image`; this request has {0}")]
+    #[error("send exactly one file, in field `image`; this request has {0} files")]
     TooManyFiles(usize),
     #[error("request body is over the limit of {limit} bytes")]
     TooLarge { limit: usize },
@@ -74,8 +74,8 @@ pub enum ApiError {
     UnknownWhale(String),
     #[error("no such route: {0}")]
     NoRoute(String),
-    #[error("method not allowed: {0}")]
-    MethodNotAllowed(String),
+    #[error("method not allowed: {route}; use {allow}")]
+    MethodNotAllowed { route: String, allow: &'static str },
     #[error("not ready: {0}")]
     NotReady(String),
     #[error("the model is busy; retry shortly")]
@@ -107,7 +107,7 @@ impl ApiError {
             Self::Photo(PhotoError::Corrupt(_)) => "undecodable_image",
             Self::UnknownWhale(_) => "unknown_whale",
             Self::NoRoute(_) => "not_found",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::NotReady(_) => "not_ready",
             Self::Busy => "busy",
             Self::Internal(_) => "internal",
@@ -125,7 +125,7 @@ impl ResponseError for ApiError {
             Self::Photo(PhotoError::UnknownFormat) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Photo(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnknownWhale(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotReady(_) | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -135,6 +135,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if matches!(self, Self::Busy | Self::NotReady(_)) {
             response.insert_header((header::RETRY_AFTER, "1"));
+        }
+        if let Self::MethodNotAllowed { allow, .. } = self {
+            response.insert_header((header::ALLOW, *allow));
         }
         response.json(ErrorBody {
             error: self.to_string(),
@@ -519,12 +522,14 @@ async fn no_route(request: HttpRequest) -> Result<HttpResponse, ApiError> {
     )))
 }
 
-async fn wrong_method(request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed(format!(
-        "{} {}",
-        request.method(),
-        request.path()
-    )))
+/// The handler for a known route called with the wrong method.
+fn wrong_method(allow: &'static str) -> actix_web::Route {
+    web::to(move |request: HttpRequest| async move {
+        Err::<HttpResponse, _>(ApiError::MethodNotAllowed {
+            route: format!("{} {}", request.method(), request.path()),
+            allow,
+        })
+    })
 }
 
 #[derive(OpenApi)]
@@ -578,27 +583,27 @@ pub fn configure(service: Arc<Service>) -> impl FnOnce(&mut web::ServiceConfig) 
             .service(
                 web::resource("/v1/identify")
                     .route(web::post().to(identify))
-                    .default_service(web::to(wrong_method)),
+                    .default_service(wrong_method("POST")),
             )
             .service(
                 web::resource("/v1/whales/{whale_id}")
                     .route(web::get().to(whale))
-                    .default_service(web::to(wrong_method)),
+                    .default_service(wrong_method("GET")),
             )
             .service(
                 web::resource("/v1/openapi.json")
                     .route(web::get().to(openapi_json))
-                    .default_service(web::to(wrong_method)),
+                    .default_service(wrong_method("GET")),
             )
             .service(
                 web::resource("/healthz")
                     .route(web::get().to(healthz))
-                    .default_service(web::to(wrong_method)),
+                    .default_service(wrong_method("GET")),
             )
             .service(
                 web::resource("/readyz")
                     .route(web::get().to(readyz))
-                    .default_service(web::to(wrong_method)),
+                    .default_service(wrong_method("GET")),
             )
             .default_service(web::to(no_route));
     }

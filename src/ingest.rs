@@ -20,6 +20,8 @@ use crate::score::{self, ScoreError};
 pub enum IngestError {
     #[error(transparent)]
     Labels(#[from] LabelsError),
+    #[error("{0}: no such folder")]
+    NoFolder(PathBuf),
     #[error("{labels}:{line}: {image} is already catalogued as {stored}, this file says {given}")]
     Conflict {
         labels: PathBuf,
@@ -80,6 +82,9 @@ pub fn ingest_folder(
     options: &IngestOptions,
 ) -> Result<IngestReport, IngestError> {
     let rows = labels::read_labels(labels_path)?;
+    if !images.is_dir() {
+        return Err(IngestError::NoFolder(images.to_owned()));
+    }
     labels::check_images_exist(&rows, images, labels_path)?;
 
     let existing = match Catalog::open_existing(catalog_dir)? {
@@ -192,6 +197,8 @@ fn update_index(
         dim,
     };
     let index = match VectorIndex::load(dir, expected)? {
+        // Nothing new and the saved graph is current: leave it as it is.
+        Some(_) if ids.is_empty() => return Ok(()),
         Some(mut index) => {
             let items: Vec<(i64, &[f32])> = ids
                 .iter()

@@ -193,6 +193,7 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("info,hnsw_rs=warn")),
@@ -321,6 +322,20 @@ fn index(args: IndexArgs) -> CliResult {
 /// Identifies a folder, writes the submission, and with a truth file
 /// prints MAP@5.
 fn score_command(args: ScoreArgs) -> CliResult {
+    match Catalog::open_existing(&args.catalog)? {
+        None => {
+            return Err(format!(
+                "{}: no catalog here; build one with `flukeid index`",
+                args.catalog.display()
+            )
+            .into())
+        }
+        Some(c) if c.is_empty()? => tracing::warn!(
+            catalog = %args.catalog.display(),
+            "catalog is empty: every answer will be new_whale alone, not a valid submission"
+        ),
+        Some(_) => {}
+    }
     let embedder = embedder_for(&args.catalog, &args.model)?;
     let identifier = Identifier::open(&args.catalog, embedder, args.threshold)?;
     let started = Instant::now();

@@ -26,6 +26,26 @@ fn models() -> String {
     common::models().display().to_string()
 }
 
+/// `flukeid index` of `dir/photos` and `dir/labels.csv` into `dir/cat`.
+fn index_photos(dir: &Path) -> Output {
+    let out = flukeid(
+        &[
+            "index",
+            "--models",
+            &models(),
+            "--images",
+            "photos",
+            "--labels",
+            "labels.csv",
+            "--catalog",
+            "cat",
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    out
+}
+
 #[test]
 fn index_error_names_file_and_line_and_exits_nonzero() {
     let root = tempfile::tempdir().unwrap();
@@ -63,21 +83,7 @@ fn score_writes_every_image_once_and_prints_map5_of_its_own_submission() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path();
     common::kaggle_folder(dir, 5, 1);
-    let out = flukeid(
-        &[
-            "index",
-            "--models",
-            &models(),
-            "--images",
-            "photos",
-            "--labels",
-            "labels.csv",
-            "--catalog",
-            "cat",
-        ],
-        dir,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = index_photos(dir);
     assert!(
         text(&out.stdout).starts_with("added 5 sightings"),
         "{}",
@@ -170,6 +176,7 @@ fn score_with_a_truth_row_for_a_missing_image_writes_nothing() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path();
     common::kaggle_folder(dir, 1, 1);
+    index_photos(dir);
     std::fs::write(
         dir.join("truth.csv"),
         "Image,Id\nw0_0.png,w_0\nelsewhere.png,w_0\n",
@@ -187,13 +194,41 @@ fn score_with_a_truth_row_for_a_missing_image_writes_nothing() {
             "--truth",
             "truth.csv",
             "--catalog",
-            "empty",
+            "cat",
         ],
         dir,
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("truth.csv:3: image elsewhere.png"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dir.join("sub.csv").exists());
+}
+
+#[test]
+fn score_against_a_missing_catalog_is_an_error() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    common::kaggle_folder(dir, 1, 1);
+    let out = flukeid(
+        &[
+            "score",
+            "--models",
+            &models(),
+            "--images",
+            "photos",
+            "--out",
+            "sub.csv",
+            "--catalog",
+            "typo",
+        ],
+        dir,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("error: typo: no catalog here"),
         "{}",
         text(&out.stderr)
     );

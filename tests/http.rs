@@ -257,6 +257,19 @@ async fn bad_uploads_get_json_errors_and_leave_the_catalog_unchanged() {
         .await;
     }
 
+    let response = test::call_service(
+        &app,
+        TestRequest::delete().uri("/v1/whales/w_1").to_request(),
+    )
+    .await;
+    assert_eq!(response.headers().get("allow").unwrap(), "GET");
+    expect_error(
+        response,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+
     // Still serving after every error.
     let (status, body) = json(test::call_service(&app, photo(&good).to_request()).await).await;
     assert_eq!(status, StatusCode::OK, "{body}");

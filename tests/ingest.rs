@@ -56,6 +56,12 @@ fn running_again_on_a_bigger_folder_adds_only_what_is_new() {
         (4, 4, 8)
     );
 
+    // Nothing new: nothing is rewritten.
+    let before = common::snapshot(&catalog);
+    let report = ingest(&photos, &labels, &catalog).unwrap();
+    assert_eq!((report.added, report.already_catalogued), (0, 8));
+    assert_eq!(common::snapshot(&catalog), before);
+
     let identifier = Identifier::open(&catalog, common::embedder(), None).unwrap();
     assert_eq!((identifier.sightings(), identifier.whales()), (8, 4));
     let answer = &identifier
@@ -102,6 +108,18 @@ fn missing_image_fails_naming_the_line_and_creates_no_catalog() {
     );
     assert!(err.ends_with(&expected), "{err}");
     assert!(!catalog.exists(), "a failed first run created the catalog");
+}
+
+#[test]
+fn missing_photo_folder_is_named() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, labels) = common::kaggle_folder(root.path(), 1, 1);
+    let missing = root.path().join("nowhere");
+    let err = ingest(&missing, &labels, &root.path().join("catalog")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{}: no such folder", missing.display())
+    );
 }
 
 /// A catalog of 2 whales, and its bytes.
