@@ -219,7 +219,17 @@ impl Identifier {
 
     /// The five answers for an embedding.
     pub fn identify_embedding(&self, embedding: &[f32]) -> Vec<Prediction> {
-        rank(&self.neighbours(embedding, NEIGHBOURS), self.threshold, TOP)
+        self.identify_with_neighbours(embedding).0
+    }
+
+    /// The five answers for an embedding, and the nearest sightings they
+    /// were ranked from.
+    pub fn identify_with_neighbours(
+        &self,
+        embedding: &[f32],
+    ) -> (Vec<Prediction>, Vec<(Hit, &Sighting)>) {
+        let neighbours = self.neighbours(embedding, NEIGHBOURS);
+        (rank(&neighbours, self.threshold, TOP), neighbours)
     }
 
     /// The five answers for each of a batch of decoded photos.

@@ -187,8 +187,7 @@ pub fn score_folder(
             .embed_images(&images)
             .map_err(|e| ScoreError::from(IdentifyError::from(e)))?;
         for (name, embedding) in chunk.iter().zip(embeddings) {
-            let neighbours = identifier.neighbours(&embedding, identify::NEIGHBOURS);
-            let predictions = identify::rank(&neighbours, identifier.threshold(), identify::TOP);
+            let (predictions, neighbours) = identifier.identify_with_neighbours(&embedding);
             scored.push(Scored {
                 image: name.clone(),
                 predictions,
