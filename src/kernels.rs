@@ -36,6 +36,9 @@ fn contiguous_f32<'a>(
     }
 }
 
+/// Planes up to this many values take the whole-plane stride-1 path.
+const SMALL_PLANE: usize = 4096;
+
 /// Largest kernel side the depthwise kernel handles (Lite0 uses 3 and 5).
 pub const MAX_KERNEL: usize = 7;
 
@@ -52,9 +55,83 @@ pub struct DepthwiseKernel {
 }
 
 impl DepthwiseKernel {
+    /// The stride-1 case of [`DepthwiseKernel::plane`]. The plane is copied
+    /// into a zero-bordered buffer of width `width + k − 1`; on that grid
+    /// every tap is the same shift for every output, so each of the k×k taps
+    /// is one long vectorisable loop over the whole plane instead of a short
+    /// loop per output row (the late layers' rows are 7 to 28 wide). The
+    /// extra columns of the accumulator are discarded.
+    #[inline(always)]
+    fn plane_stride1<const FMA: bool>(
+        &self,
+        channel: usize,
+        input: &[f32],
+        width: usize,
+        height: usize,
+        out: &mut [f32],
+    ) {
+        let k = self.kernel;
+        let pad = (k - 1) / 2;
+        let wide = width + k - 1;
+        let mut padded = vec![0f32; (height + k - 1) * wide];
+        for (y, row) in input.chunks_exact(width).enumerate() {
+            padded[(y + pad) * wide + pad..][..width].copy_from_slice(row);
+        }
+        // The last k − 1 accumulator cells are discarded columns whose taps
+        // would read past the buffer.
+        let n = height * wide - (k - 1);
+        let mut acc = vec![0f32; height * wide];
+        let weights = &self.weight[channel * k * k..(channel + 1) * k * k];
+        for ky in 0..k {
+            for kx in 0..k {
+                let w = weights[ky * k + kx];
+                let src = &padded[ky * wide + kx..][..n];
+                for (a, &v) in acc[..n].iter_mut().zip(src) {
+                    *a = if FMA { v.mul_add(w, *a) } else { *a + w * v };
+                }
+            }
+        }
+        let bias = self.bias[channel];
+        for (o, a) in out.chunks_exact_mut(width).zip(acc.chunks_exact(wide)) {
+            for (o, &a) in o.iter_mut().zip(a) {
+                *o = (a + bias).clamp(0.0, 6.0);
+            }
+        }
+    }
+
+    /// [`DepthwiseKernel::plane_stride1`] compiled for AVX2 and FMA, which
+    /// the baseline x86-64 target does not assume.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn plane_stride1_avx2(
+        &self,
+        channel: usize,
+        input: &[f32],
+        width: usize,
+        height: usize,
+        out: &mut [f32],
+    ) {
+        self.plane_stride1::<true>(channel, input, width, height, out)
+    }
+
     /// Convolves one `height × width` plane into `out` (which must be
     /// zeroed), then adds the bias and clamps to [0, 6].
     fn plane(&self, channel: usize, input: &[f32], width: usize, height: usize, out: &mut [f32]) {
+        // Large planes (the first block's 112×224) are bound by memory, and
+        // their rows are long enough for the row-wise loops below.
+        if self.stride == 1 && width * height <= SMALL_PLANE {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has just been seen to support AVX2 and FMA.
+                return unsafe { self.plane_stride1_avx2(channel, input, width, height, out) };
+            }
+            return self.plane_stride1::<false>(channel, input, width, height, out);
+        }
         let k = self.kernel;
         let s = self.stride;
         let (out_h, pad_top) = same_padding(height, k, s);
@@ -358,6 +435,31 @@ mod tests {
                 assert!(d < 1e-5, "{h}x{w} k{k} s{s}: differs by {d}");
             }
         }
+    }
+
+    #[test]
+    fn stride1_plane_agrees_with_and_without_fused_multiply_add() {
+        // Only one of the two variants runs on a given CPU; this keeps the
+        // other honest.
+        let (h, w, k) = (6, 11, 5);
+        let input: Vec<f32> = (0..h * w)
+            .map(|i| ((i * 37) % 17) as f32 / 7.0 - 1.0)
+            .collect();
+        let kernel = DepthwiseKernel {
+            weight: (0..k * k).map(|i| (i as f32 - 12.0) / 20.0).collect(),
+            bias: vec![0.25],
+            channels: 1,
+            kernel: k,
+            stride: 1,
+        };
+        let mut plain = vec![0f32; h * w];
+        let mut fused = vec![0f32; h * w];
+        kernel.plane_stride1::<false>(0, &input, w, h, &mut plain);
+        kernel.plane_stride1::<true>(0, &input, w, h, &mut fused);
+        for (a, b) in plain.iter().zip(&fused) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert!(plain.iter().any(|&v| v > 0.0 && v < 6.0), "{plain:?}");
     }
 
     #[test]
