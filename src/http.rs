@@ -11,6 +11,7 @@
 //! service answers 503 with `Retry-After` instead of queueing without bound.
 //! Photos are decoded on actix's blocking pool.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
@@ -40,7 +41,8 @@ pub struct ServeOptions {
     /// Largest accepted request body, in bytes.
     pub body_limit: usize,
     pub decode: DecodeLimits,
-    /// Photos that may wait for the model before new ones are refused.
+    /// Identify requests in progress (reading, decoding, waiting for or
+    /// running the model) before new ones are refused with 503.
     pub queue: usize,
     /// HTTP worker threads.
     pub workers: usize,
@@ -166,7 +168,18 @@ pub struct Service {
     identifier: OnceLock<Arc<Identifier>>,
     load_error: RwLock<Option<String>>,
     jobs: SyncSender<Job>,
+    /// Identify requests admitted and not yet answered.
+    admitted: AtomicUsize,
     options: ServeOptions,
+}
+
+/// One admitted identify request; dropping it frees its place.
+struct Admission<'a>(&'a AtomicUsize);
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Service {
@@ -178,6 +191,7 @@ impl Service {
             identifier: OnceLock::new(),
             load_error: RwLock::new(None),
             jobs,
+            admitted: AtomicUsize::new(0),
             options,
         });
         let worker = Arc::downgrade(&service);
@@ -204,6 +218,20 @@ impl Service {
     pub fn set_failed(&self, reason: String) {
         tracing::error!(%reason, "model or catalog failed to load");
         *self.load_error.write().expect("lock") = Some(reason);
+    }
+
+    /// Admits an identify request when fewer than `queue` are in progress
+    /// (reading, decoding, waiting or running), else refuses it at once, so
+    /// that turning work away costs almost nothing under overload: the
+    /// body of a refused request is never read or decoded.
+    fn admit(&self) -> Result<Admission<'_>, ApiError> {
+        let limit = self.options.queue.max(1);
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map_err(|_| ApiError::Busy)?;
+        Ok(Admission(&self.admitted))
     }
 
     fn identifier(&self) -> Result<&Arc<Identifier>, ApiError> {
@@ -355,6 +383,7 @@ async fn identify(
 ) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let identifier = service.identifier()?.clone();
+    let _admission = service.admit()?;
     let limit = service.options.body_limit;
     if let Some(length) = request
         .headers()
@@ -624,4 +653,28 @@ pub async fn serve(service: Arc<Service>, bind: &str) -> std::io::Result<()> {
         tracing::info!(%address, "listening");
     }
     server.run().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_refuses_past_the_queue_and_frees_on_drop() {
+        let service = Service::new(ServeOptions {
+            queue: 2,
+            ..Default::default()
+        });
+        let first = service.admit().unwrap();
+        let _second = service.admit().unwrap();
+        assert!(matches!(service.admit(), Err(ApiError::Busy)));
+        drop(first);
+        assert!(service.admit().is_ok());
+        assert_eq!(
+            ApiError::Busy.status_code(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let response = ApiError::Busy.error_response();
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "1");
+    }
 }

@@ -84,7 +84,7 @@ struct ServeArgs {
     /// Largest photo in megapixels.
     #[arg(long, default_value_t = 64)]
     max_megapixels: u64,
-    /// Photos that may wait for the model before requests get 503.
+    /// Identify requests in progress before new ones get 503.
     #[arg(long, default_value_t = 32)]
     queue: usize,
     /// When the catalog is empty, first index this Kaggle-layout folder
