@@ -5,11 +5,12 @@
 //! that picks the status code and writes the JSON body
 //! `{"error": ..., "code": ...}`.
 //!
-//! The model runs on its own thread, fed through a bounded queue: an HTTP
-//! worker never blocks on inference, concurrent requests are embedded
-//! together in batches of up to [`MAX_BATCH`], and when the queue is full the
-//! service answers 503 with `Retry-After` instead of queueing without bound.
-//! Photos are decoded on actix's blocking pool.
+//! The model runs on its own thread, fed through a channel: an HTTP worker
+//! never blocks on inference, and concurrent requests are embedded together
+//! in batches of up to [`MAX_BATCH`]. At most `queue` identify requests are
+//! in progress at once; the next one is answered 503 with `Retry-After`
+//! before its body is read, instead of queueing without bound. Photos are
+//! decoded on actix's blocking pool.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
