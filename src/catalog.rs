@@ -270,6 +270,18 @@ impl Catalog {
             .map_err(|e| self.sql(e))
     }
 
+    /// Number of sightings and the largest sighting id (0 when empty): what
+    /// an index built from this catalog records in its manifest.
+    pub fn extent(&self) -> Result<(usize, i64), CatalogError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM sightings",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as usize, r.get(1)?)),
+            )
+            .map_err(|e| self.sql(e))
+    }
+
     /// True when no sighting is stored.
     pub fn is_empty(&self) -> Result<bool, CatalogError> {
         Ok(self.len()? == 0)

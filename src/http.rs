@@ -10,7 +10,7 @@
 //! in batches of up to [`MAX_BATCH`]. At most `queue` identify requests are
 //! in progress at once; the next one is answered 503 with `Retry-After`
 //! before its body is read, instead of queueing without bound. Photos are
-//! decoded on actix's blocking pool.
+//! decoded and resized on actix's blocking pool.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -24,7 +24,6 @@ use actix_web::http::{header, StatusCode};
 use actix_web::middleware::Next;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use futures_util::StreamExt;
-use image::RgbImage;
 use serde::Serialize;
 use tokio::sync::oneshot;
 use utoipa::{OpenApi, ToSchema};
@@ -149,9 +148,9 @@ impl ResponseError for ApiError {
     }
 }
 
-/// One photo waiting for the model.
+/// One photo waiting for the model, already resized and scaled.
 struct Job {
-    image: RgbImage,
+    input: Vec<f32>,
     queued: Instant,
     reply: oneshot::Sender<Result<Inference, String>>,
 }
@@ -267,11 +266,11 @@ fn run_model(service: std::sync::Weak<Service>, queue: Receiver<Job>) {
 
         let started = Instant::now();
         let size = batch.len();
-        let (images, meta): (Vec<RgbImage>, Vec<_>) = batch
+        let (inputs, meta): (Vec<Vec<f32>>, Vec<_>) = batch
             .into_iter()
-            .map(|j| (j.image, (j.queued, j.reply)))
+            .map(|j| (j.input, (j.queued, j.reply)))
             .unzip();
-        let result = identifier.identify_images(&images);
+        let result = identifier.identify_inputs(&inputs);
         let inference_ms = ms(started);
         match result {
             Ok(all) => {
@@ -307,7 +306,7 @@ fn round_ms(ms: f64) -> f64 {
 pub struct Timings {
     /// Reading the upload.
     pub upload_ms: f64,
-    /// Decoding and checking the photo.
+    /// Decoding, checking and resizing the photo.
     pub decode_ms: f64,
     /// Waiting for the model.
     pub queue_ms: f64,
@@ -400,14 +399,18 @@ async fn identify(
 
     let decode_started = Instant::now();
     let limits = service.options.decode;
-    let image = web::block(move || photo::decode(&bytes, limits))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let size = identifier.embedder().input();
+    // Resizing a camera frame costs as much as decoding it; both stay off
+    // the model thread.
+    let input =
+        web::block(move || photo::decode(&bytes, limits).map(|image| photo::to_chw(&image, size)))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))??;
     let decode_ms = ms(decode_started);
 
     let (reply, answer) = oneshot::channel();
     let job = Job {
-        image,
+        input,
         queued: Instant::now(),
         reply,
     };

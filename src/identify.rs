@@ -237,7 +237,17 @@ impl Identifier {
         &self,
         images: &[RgbImage],
     ) -> Result<Vec<Vec<Prediction>>, IdentifyError> {
-        let embeddings = self.embedder.embed_images(images)?;
+        let inputs: Vec<Vec<f32>> = images.iter().map(|i| self.embedder.prepare(i)).collect();
+        self.identify_inputs(&inputs)
+    }
+
+    /// The five answers for each of a batch of inputs already prepared with
+    /// [`Embedder::prepare`].
+    pub fn identify_inputs(
+        &self,
+        inputs: &[Vec<f32>],
+    ) -> Result<Vec<Vec<Prediction>>, IdentifyError> {
+        let embeddings = self.embedder.embed_inputs(inputs)?;
         Ok(embeddings
             .iter()
             .map(|e| self.identify_embedding(e))

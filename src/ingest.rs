@@ -5,7 +5,6 @@
 //! undecodable photo, a whale id that contradicts the catalog) fails before
 //! the catalog is touched, so a failed run leaves it exactly as it was.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::catalog::{Catalog, CatalogError, NewSighting};
@@ -124,9 +123,10 @@ pub fn ingest_folder(
         &names,
         options.batch,
         options.limits,
-        |chunk, decoded| {
+        embedder.input(),
+        |chunk, inputs| {
             let vectors = embedder
-                .embed_images(&decoded)
+                .embed_inputs(&inputs)
                 .map_err(|e| ScoreError::from(crate::identify::IdentifyError::from(e)))?;
             for (name, embedding) in chunk.iter().zip(vectors) {
                 let row = todo[new.len()];
@@ -158,8 +158,14 @@ pub fn ingest_folder(
     }
 
     let mut catalog = Catalog::create_or_open(catalog_dir)?;
+    let (count, max_id) = catalog.extent()?;
+    let before = Manifest {
+        count,
+        max_id,
+        dim: embedder.dim(),
+    };
     let ids = catalog.add(&embedder.fingerprint(), &new)?;
-    update_index(&catalog, catalog_dir, embedder.dim(), &ids, &new)?;
+    update_index(&catalog, catalog_dir, before, &ids, &new)?;
     let total_sightings = catalog.len()?;
     tracing::info!(
         added = new.len(),
@@ -177,26 +183,16 @@ pub fn ingest_folder(
 }
 
 /// Adds the new vectors to the saved index, or rebuilds it from the catalog
-/// when the saved one does not match what the catalog held before.
+/// when the saved one does not match what the catalog held `before` the
+/// new sightings (only then are the stored vectors read back).
 fn update_index(
     catalog: &Catalog,
     dir: &Path,
-    dim: usize,
+    before: Manifest,
     ids: &[i64],
     new: &[NewSighting],
 ) -> Result<(), IngestError> {
-    let all = catalog.load_all()?;
-    let new_ids: HashSet<i64> = ids.iter().copied().collect();
-    let before: Vec<_> = all
-        .iter()
-        .filter(|(s, _)| !new_ids.contains(&s.id))
-        .collect();
-    let expected = Manifest {
-        count: before.len(),
-        max_id: before.iter().map(|(s, _)| s.id).max().unwrap_or(0),
-        dim,
-    };
-    let index = match VectorIndex::load(dir, expected)? {
+    let index = match VectorIndex::load(dir, before)? {
         // Nothing new and the saved graph is current: leave it as it is.
         Some(_) if ids.is_empty() => return Ok(()),
         Some(mut index) => {
@@ -209,8 +205,9 @@ fn update_index(
             index
         }
         None => {
+            let all = catalog.load_all()?;
             let items: Vec<(i64, &[f32])> = all.iter().map(|(s, v)| (s.id, v.as_slice())).collect();
-            VectorIndex::build(dim, &items)
+            VectorIndex::build(before.dim, &items)
         }
     };
     index.save(dir)?;

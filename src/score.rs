@@ -15,7 +15,7 @@ use crate::catalog::Sighting;
 use crate::identify::{self, Identifier, IdentifyError, Prediction};
 use crate::index::Hit;
 use crate::labels::{self, LabelRow, LabelsError};
-use crate::photo::{self, DecodeLimits, PhotoError};
+use crate::photo::{self, DecodeLimits, InputSize, PhotoError};
 
 /// Average precision at 5 of one query's answers.
 pub fn average_precision<S: AsRef<str>>(predicted: &[S], truth: &str) -> f64 {
@@ -109,22 +109,24 @@ pub fn list_images(dir: &Path) -> Result<Vec<String>, ScoreError> {
     Ok(names)
 }
 
-/// Reads and decodes photos on a pool of threads while the caller embeds
-/// the previous batch, calling `each` with batches of up to `batch` decoded
-/// photos in name order. Stops at the first photo that cannot be read.
+/// Reads, decodes and resizes photos to `input` on a pool of threads while
+/// the caller embeds the previous batch, calling `each` with batches of up
+/// to `batch` prepared inputs (see [`photo::to_chw`]) in name order. Stops
+/// at the first photo that cannot be read.
 pub fn decode_batches<F>(
     dir: &Path,
     names: &[String],
     batch: usize,
     limits: DecodeLimits,
+    input: InputSize,
     mut each: F,
 ) -> Result<(), ScoreError>
 where
-    F: FnMut(&[String], Vec<image::RgbImage>) -> Result<(), ScoreError>,
+    F: FnMut(&[String], Vec<Vec<f32>>) -> Result<(), ScoreError>,
 {
     use rayon::prelude::*;
     let batch = batch.max(1);
-    let (tx, rx) = mpsc::sync_channel::<Result<Vec<image::RgbImage>, ScoreError>>(2);
+    let (tx, rx) = mpsc::sync_channel::<Result<Vec<Vec<f32>>, ScoreError>>(2);
     let dir = dir.to_owned();
     let chunks: Vec<Vec<String>> = names.chunks(batch).map(<[String]>::to_vec).collect();
     let producer_chunks = chunks.clone();
@@ -139,6 +141,7 @@ where
                         source,
                     })?;
                     photo::decode(&bytes, limits)
+                        .map(|image| photo::to_chw(&image, input))
                         .map_err(|source| ScoreError::Photo { path, source })
                 })
                 .collect();
@@ -151,8 +154,8 @@ where
     let mut result = Ok(());
     for chunk in &chunks {
         match rx.recv() {
-            Ok(Ok(images)) => {
-                if let Err(e) = each(chunk, images) {
+            Ok(Ok(inputs)) => {
+                if let Err(e) = each(chunk, inputs) {
                     result = Err(e);
                     break;
                 }
@@ -181,10 +184,11 @@ pub fn score_folder(
     let names = list_images(dir)?;
     let bar = progress_bar(names.len() as u64, progress, "scoring");
     let mut scored = Vec::with_capacity(names.len());
-    decode_batches(dir, &names, batch, limits, |chunk, images| {
+    let input = identifier.embedder().input();
+    decode_batches(dir, &names, batch, limits, input, |chunk, inputs| {
         let embeddings = identifier
             .embedder()
-            .embed_images(&images)
+            .embed_inputs(&inputs)
             .map_err(|e| ScoreError::from(IdentifyError::from(e)))?;
         for (name, embedding) in chunk.iter().zip(embeddings) {
             let (predictions, neighbours) = identifier.identify_with_neighbours(&embedding);
