@@ -11,12 +11,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Module, Tensor, D};
 
-use crate::kernels::{same_padding, BiasActivation, DepthwiseKernel, Patches};
+use crate::kernels::team::{self, Member, Shared};
+use crate::kernels::{same_padding, DepthwiseKernel, Isa, PointwiseKernel, StemKernel};
 use crate::weights::{self, WeightsError};
 
 /// The BatchNorm epsilon of the TensorFlow original (PyTorch's default,
@@ -108,6 +109,8 @@ pub enum BackboneError {
     },
     #[error("input height and width must be multiples of 32, got {height}x{width}")]
     InputSize { height: usize, width: usize },
+    #[error("input must have 3 colour channels, got {0}")]
+    Colours(usize),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
@@ -158,16 +161,16 @@ impl Weights<'_> {
     }
 }
 
-/// A 1×1 convolution as a matrix product over the flattened feature map.
+/// A 1×1 convolution: the CPU kernel, and the same weights as tensors for
+/// other devices.
 #[derive(Debug, Clone)]
 struct Pointwise {
+    kernel: PointwiseKernel,
     /// `[out, in]`
     weight: Tensor,
     /// `[out, 1]`, broadcast over positions.
     bias: Tensor,
     relu6: bool,
-    /// The bias (and ReLU6) as one in-place pass, for the CPU.
-    epilogue: BiasActivation,
 }
 
 impl Pointwise {
@@ -181,32 +184,19 @@ impl Pointwise {
     ) -> Result<Self, BackboneError> {
         let (weight, bias) = w.conv_bn(conv, bn, &[out, inp, 1, 1])?;
         Ok(Self {
+            kernel: PointwiseKernel::new(&cpu_values(&weight)?, &cpu_values(&bias)?, inp, out, relu6),
             weight: weight.reshape((out, inp))?,
-            epilogue: BiasActivation {
-                bias: bias.to_device(&Device::Cpu)?.to_vec1()?,
-                relu6,
-            },
             bias: bias.reshape((out, 1))?,
             relu6,
         })
     }
 
+    /// The candle version, `[batch, in, h, w]` to `[batch, out, h, w]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let flat = x.reshape((batch, channels, height * width))?;
-        let y = self.weight.broadcast_matmul(&flat)?;
-        let y = if y.device().is_cpu() && y.is_contiguous() {
-            // The product is a fresh tensor nobody else holds.
-            y.inplace_op1(&self.epilogue)?;
-            y
-        } else {
-            let y = y.broadcast_add(&self.bias)?;
-            if self.relu6 {
-                y.clamp(0f32, 6f32)?
-            } else {
-                y
-            }
-        };
+        let y = self.weight.broadcast_matmul(&flat)?.broadcast_add(&self.bias)?;
+        let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
         y.reshape((batch, (), height, width))
     }
 }
@@ -214,10 +204,11 @@ impl Pointwise {
 /// A depthwise k×k convolution with its BatchNorm and ReLU6.
 #[derive(Debug, Clone)]
 struct Depthwise {
-    kernel: Arc<DepthwiseKernel>,
-    /// The same weights as tensors, for devices without the fused CPU op.
+    kernel: DepthwiseKernel,
     weight: Tensor,
     bias: Tensor,
+    size: usize,
+    stride: usize,
 }
 
 impl Depthwise {
@@ -226,35 +217,38 @@ impl Depthwise {
         conv: &str,
         bn: &str,
         channels: usize,
-        kernel: usize,
+        size: usize,
         stride: usize,
     ) -> Result<Self, BackboneError> {
-        let (weight, bias) = w.conv_bn(conv, bn, &[channels, 1, kernel, kernel])?;
-        let fused = DepthwiseKernel {
-            weight: weight.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?,
-            bias: bias.to_device(&Device::Cpu)?.to_vec1()?,
-            channels,
-            kernel,
-            stride,
-        };
+        let (weight, bias) = w.conv_bn(conv, bn, &[channels, 1, size, size])?;
         Ok(Self {
-            kernel: Arc::new(fused),
+            kernel: DepthwiseKernel::new(
+                &cpu_values(&weight)?,
+                &cpu_values(&bias)?,
+                channels,
+                size,
+                stride,
+            ),
             weight,
             bias: bias.reshape((1, channels, 1, 1))?,
+            size,
+            stride,
         })
     }
 
+    /// The candle version, on `[batch, channels, h, w]`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() {
-            return x.contiguous()?.apply_op1_no_bwd(self.kernel.as_ref());
-        }
-        let k = self.kernel.kernel;
-        let s = self.kernel.stride;
-        let x = pad_same(x, k, s)?;
-        x.conv2d(&self.weight, 0, s, 1, self.kernel.channels)?
+        let channels = self.kernel.channels();
+        pad_same(x, self.size, self.stride)?
+            .conv2d(&self.weight, 0, self.stride, 1, channels)?
             .broadcast_add(&self.bias)?
             .clamp(0f32, 6f32)
     }
+}
+
+/// The values of a tensor, flattened, on the CPU.
+fn cpu_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()
 }
 
 /// Zero-pads height and width the TensorFlow "SAME" way for a k×k kernel.
@@ -271,32 +265,18 @@ fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> candle_core::Result<Ten
 /// The stem: a 3×3 stride-2 convolution from RGB to 32 channels.
 #[derive(Debug, Clone)]
 struct Stem {
+    kernel: StemKernel,
     weight: Tensor,
     bias: Tensor,
-    epilogue: BiasActivation,
 }
 
 impl Stem {
+    /// The candle version.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !x.device().is_cpu() {
-            return pad_same(x, 3, 2)?
-                .conv2d(&self.weight, 0, 2, 1, 1)?
-                .broadcast_add(&self.bias)?
-                .clamp(0f32, 6f32);
-        }
-        let (batch, _, height, width) = x.dims4()?;
-        let (out_h, _) = same_padding(height, 3, 2);
-        let (out_w, _) = same_padding(width, 3, 2);
-        let patches = x.contiguous()?.apply_op1_no_bwd(&Patches {
-            kernel: 3,
-            stride: 2,
-        })?;
-        let y = self
-            .weight
-            .reshape((STEM_CHANNELS, ()))?
-            .broadcast_matmul(&patches)?;
-        y.inplace_op1(&self.epilogue)?;
-        y.reshape((batch, STEM_CHANNELS, out_h, out_w))
+        pad_same(x, 3, 2)?
+            .conv2d(&self.weight, 0, 2, 1, 1)?
+            .broadcast_add(&self.bias)?
+            .clamp(0f32, 6f32)
     }
 }
 
@@ -311,6 +291,7 @@ struct Block {
 }
 
 impl Block {
+    /// The candle version.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut h = match &self.expand {
             Some(expand) => expand.forward(x)?,
@@ -325,6 +306,155 @@ impl Block {
     }
 }
 
+/// Expanded maps larger than this (per image) are not written out whole:
+/// the block runs fused, row by row (see [`Block::forward_fused`]).
+const FUSE_BYTES: usize = 1 << 20;
+
+impl Block {
+    /// Whether the fused path pays off: one image's expanded map would not
+    /// stay in the core's cache between the layers.
+    fn fuses(&self, height: usize, width: usize) -> bool {
+        let hidden = self.depthwise.kernel.channels();
+        self.expand.is_some() && height * width * hidden * size_of::<f32>() > FUSE_BYTES
+    }
+
+    /// The work items of [`Block::fused_band`] for a batch: bands of output
+    /// rows `(image, first row, rows)`, about four per thread for balance.
+    fn fused_bands(
+        &self,
+        batch: usize,
+        height: usize,
+        width: usize,
+        threads: usize,
+    ) -> Vec<(usize, usize, usize)> {
+        let (out_h, _) = self.depthwise.kernel.output_size(height, width);
+        let band = (batch * out_h).div_ceil(threads * 4).clamp(1, out_h);
+        (0..batch)
+            .flat_map(|image| {
+                (0..out_h)
+                    .step_by(band)
+                    .map(move |first| (image, first, band.min(out_h - first)))
+            })
+            .collect()
+    }
+
+    /// Expand, depthwise and project for one band of output rows of one
+    /// image, on the calling thread. Only the `kernel` expanded rows under
+    /// the current output row (a ring) and one depthwise output row are
+    /// kept, so the wide intermediate maps never leave the cache. Expanded
+    /// rows at a band's top edge are computed by both bands that need them.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_band(
+        &self,
+        isa: Isa,
+        input: &[f32],
+        height: usize,
+        width: usize,
+        (image, first_out, _): (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let expand = &self.expand.as_ref().expect("fused blocks expand").kernel;
+        let depthwise = &self.depthwise.kernel;
+        let project = &self.project.kernel;
+        let (k, s) = (depthwise.kernel(), depthwise.stride());
+        let (cin, hidden, cout) = (expand.inputs(), depthwise.channels(), project.outputs());
+        let (_, top) = same_padding(height, k, s);
+        let (out_w, left) = same_padding(width, k, s);
+        let plane = height * width * cin;
+        let image = &input[image * plane..(image + 1) * plane];
+        let input_row = |y: usize| &image[y * width * cin..(y + 1) * width * cin];
+        let row_len = width * hidden;
+        let mut ring = vec![0f32; k * row_len];
+        let mut filtered = vec![0f32; out_w * hidden];
+        // The next input row to expand; input row y lives in slot y % k.
+        let mut next = ((first_out * s) as isize - top as isize).max(0) as usize;
+        for (i, out_row) in out.chunks_mut(out_w * cout).enumerate() {
+            let oy = first_out + i;
+            let first = (oy * s) as isize - top as isize;
+            let end = ((first + k as isize) as usize).min(height);
+            while next < end {
+                let slot = next % k;
+                let expanded = &mut ring[slot * row_len..(slot + 1) * row_len];
+                expand.run_here(isa, input_row(next), None, expanded);
+                next += 1;
+            }
+            let rows = depthwise.input_rows(first, height, |y| {
+                &ring[(y % k) * row_len..(y % k + 1) * row_len]
+            });
+            depthwise.row(isa, &rows, width, left, &mut filtered);
+            let residual = self.residual.then(|| input_row(oy));
+            project.run_here(isa, &filtered, residual, out_row);
+        }
+    }
+}
+
+/// Activation buffers of the CPU forward pass, kept between passes so a
+/// pass neither allocates nor faults in fresh pages.
+#[derive(Debug, Default)]
+struct Buffers {
+    /// The block input (and the stem and head outputs).
+    current: Vec<f32>,
+    /// The expanded map, then the block output.
+    wide: Vec<f32>,
+    /// The depthwise output.
+    filtered: Vec<f32>,
+}
+
+/// One 1×1 convolution as a team phase: `input` (`[pixels][in]`) into the
+/// start of `out`, in chunks of whole register tiles.
+fn pointwise_phase(
+    member: &mut Member,
+    kernel: &PointwiseKernel,
+    isa: Isa,
+    threads: usize,
+    input: &[f32],
+    residual: Option<&[f32]>,
+    out: &Shared,
+) {
+    let (k, n) = (kernel.inputs(), kernel.outputs());
+    let pixels = input.len() / k;
+    let chunk = kernel.chunk_rows(isa, pixels, threads);
+    member.share(pixels.div_ceil(chunk), |c| {
+        let rows = c * chunk..((c + 1) * chunk).min(pixels);
+        // SAFETY: chunks do not overlap, and `out` is not read in this
+        // phase (the caller passes a buffer other than input's and
+        // residual's).
+        let out = unsafe { out.write(rows.start * n..rows.end * n) };
+        let residual = residual.map(|r| &r[rows.start * n..rows.end * n]);
+        kernel.run_here(isa, &input[rows.start * k..rows.end * k], residual, out);
+    });
+}
+
+/// Per-kind layer times, taken by one team member after each phase.
+struct Laps {
+    clock: Instant,
+    times: Option<LayerTimes>,
+}
+
+impl Laps {
+    fn new(enabled: bool) -> Self {
+        Self {
+            clock: Instant::now(),
+            times: enabled.then(LayerTimes::default),
+        }
+    }
+
+    fn lap(&mut self, field: fn(&mut LayerTimes) -> &mut f64) {
+        if let Some(times) = &mut self.times {
+            *field(times) += ms(self.clock);
+            self.clock = Instant::now();
+        }
+    }
+}
+
+/// The first `len` values of `buffer`, growing it if needed.
+fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
 /// Milliseconds spent in each kind of layer during one forward pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LayerTimes {
@@ -337,10 +467,25 @@ pub struct LayerTimes {
     pub project: f64,
     /// The 1×1 head convolution.
     pub head: f64,
+    /// Blocks run fused (expand, depthwise and project together), on the
+    /// CPU where the expanded map is large.
+    pub fused: f64,
 }
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
+}
+
+/// Refuses inputs the network cannot take.
+fn check_input(x: &Tensor) -> Result<(), BackboneError> {
+    let (_, colours, height, width) = x.dims4()?;
+    if height % 32 != 0 || width % 32 != 0 || height == 0 || width == 0 {
+        return Err(BackboneError::InputSize { height, width });
+    }
+    if colours != 3 {
+        return Err(BackboneError::Colours(colours));
+    }
+    Ok(())
 }
 
 /// EfficientNet-Lite0 with its ImageNet classifier.
@@ -352,6 +497,9 @@ pub struct Backbone {
     classifier: candle_nn::Linear,
     device: Device,
     weights_sha256: String,
+    /// The kernel variant the CPU path runs.
+    isa: Isa,
+    buffers: Arc<Mutex<Option<Buffers>>>,
 }
 
 impl Backbone {
@@ -379,11 +527,14 @@ impl Backbone {
         let (stem_weight, stem_bias) =
             w.conv_bn("_conv_stem", "_bn0", &[STEM_CHANNELS, 3, 3, 3])?;
         let stem = Stem {
+            kernel: StemKernel::new(
+                &cpu_values(&stem_weight)?,
+                &cpu_values(&stem_bias)?,
+                STEM_CHANNELS,
+                3,
+                2,
+            ),
             weight: stem_weight,
-            epilogue: BiasActivation {
-                bias: stem_bias.to_device(&Device::Cpu)?.to_vec1()?,
-                relu6: true,
-            },
             bias: stem_bias.reshape((1, STEM_CHANNELS, 1, 1))?,
         };
 
@@ -445,6 +596,8 @@ impl Backbone {
             classifier: candle_nn::Linear::new(fc_weight, Some(fc_bias)),
             device: device.clone(),
             weights_sha256: String::new(),
+            isa: Isa::detect(),
+            buffers: Arc::default(),
         })
     }
 
@@ -459,14 +612,29 @@ impl Backbone {
         &self.weights_sha256
     }
 
+    /// The kernel variant the CPU path runs (see [`Isa::detect`]).
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
     /// The last feature map, `[batch, 1280, H/32, W/32]`, for an input
     /// `[batch, 3, H, W]` scaled as `(v − 127) / 128`. H and W must be
     /// multiples of 32, where dynamic and precomputed SAME padding agree.
+    /// On the CPU this runs the channel-last kernels of [`crate::kernels`];
+    /// elsewhere candle's operations.
     pub fn features(&self, x: &Tensor) -> Result<Tensor, BackboneError> {
-        let (_, _, height, width) = x.dims4()?;
-        if height % 32 != 0 || width % 32 != 0 || height == 0 || width == 0 {
-            return Err(BackboneError::InputSize { height, width });
+        check_input(x)?;
+        if self.device.is_cpu() && x.device().is_cpu() {
+            self.features_cpu(x, None)
+        } else {
+            self.features_candle(x)
         }
+    }
+
+    /// [`Backbone::features`] through candle's operations on any device:
+    /// the reference the CPU kernels are tested against.
+    pub fn features_candle(&self, x: &Tensor) -> Result<Tensor, BackboneError> {
+        check_input(x)?;
         let mut h = self.stem.forward(x)?;
         for block in &self.blocks {
             h = block.forward(&h)?;
@@ -474,37 +642,158 @@ impl Backbone {
         Ok(self.head.forward(&h)?)
     }
 
-    /// Runs [`Backbone::features`] once, timing each kind of layer, for the
+    /// Runs the CPU forward pass once, timing each kind of layer, for the
     /// benchmark.
     pub fn layer_times(&self, x: &Tensor) -> Result<LayerTimes, BackboneError> {
+        check_input(x)?;
         let mut times = LayerTimes::default();
-        let clock = Instant::now();
-        let mut h = self.stem.forward(x)?;
-        times.stem = ms(clock);
-        for block in &self.blocks {
-            let clock = Instant::now();
-            let expanded = match &block.expand {
-                Some(expand) => expand.forward(&h)?,
-                None => h.clone(),
-            };
-            times.expand += ms(clock);
-
-            let clock = Instant::now();
-            let filtered = block.depthwise.forward(&expanded)?;
-            times.depthwise += ms(clock);
-
-            let clock = Instant::now();
-            let mut projected = block.project.forward(&filtered)?;
-            if block.residual {
-                projected = (projected + &h)?;
-            }
-            times.project += ms(clock);
-            h = projected;
-        }
-        let clock = Instant::now();
-        self.head.forward(&h)?;
-        times.head = ms(clock);
+        self.features_cpu(x, Some(&mut times))?;
         Ok(times)
+    }
+
+    /// The CPU forward pass: channel-last kernels run by a [`team`] of
+    /// threads, one phase per layer (one per block where it runs fused).
+    fn features_cpu(
+        &self,
+        x: &Tensor,
+        times: Option<&mut LayerTimes>,
+    ) -> Result<Tensor, BackboneError> {
+        let isa = self.isa;
+        let threads = rayon::current_num_threads();
+        let (batch, _, height, width) = x.dims4()?;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let input = match (&*storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => {
+                &values[start..end]
+            }
+            _ => {
+                let reason = "backbone input must be f32 on the CPU".to_owned();
+                return Err(candle_core::Error::Msg(reason).into());
+            }
+        };
+
+        // Sizes: `current` and `wide` take turns holding block inputs and
+        // outputs (and unfused expansions); `filtered` takes depthwise
+        // outputs and, last, the head's.
+        let (stem_h, stem_w) = self.stem.kernel.output_size(height, width);
+        let stem_channels = self.stem.kernel.outputs();
+        let mut largest = batch * stem_h * stem_w * stem_channels;
+        let mut largest_filtered = 0;
+        let (mut h, mut w) = (stem_h, stem_w);
+        for block in &self.blocks {
+            let hidden = block.depthwise.kernel.channels();
+            let (out_h, out_w) = block.depthwise.kernel.output_size(h, w);
+            if !block.fuses(h, w) {
+                largest = largest.max(batch * h * w * hidden);
+                largest_filtered = largest_filtered.max(batch * out_h * out_w * hidden);
+            }
+            largest = largest.max(batch * out_h * out_w * block.project.kernel.outputs());
+            (h, w) = (out_h, out_w);
+        }
+        let features_len = batch * h * w * FEATURE_DIM;
+        largest_filtered = largest_filtered.max(features_len);
+
+        let taken = self.buffers.lock().map(|mut b| b.take()).unwrap_or(None);
+        let mut buffers = taken.unwrap_or_default();
+        let timing = times.is_some();
+        let measured = Mutex::new(LayerTimes::default());
+        {
+            let first = Shared::new(sized(&mut buffers.current, largest));
+            let second = Shared::new(sized(&mut buffers.wide, largest));
+            let filtered = Shared::new(sized(&mut buffers.filtered, largest_filtered));
+            let phases = 2 + 3 * self.blocks.len();
+            team::run(threads, phases, |member| {
+                let mut laps = Laps::new(timing && member.index() == 0);
+                let (mut current, mut wide) = (&first, &second);
+
+                let row = stem_w * stem_channels;
+                member.share(batch * stem_h, |r| {
+                    // SAFETY: each output row is written by one item; the
+                    // buffer is not read in this phase.
+                    let out = unsafe { current.write(r * row..(r + 1) * row) };
+                    self.stem.kernel.run_row(isa, input, height, width, r, out);
+                });
+                laps.lap(|t| &mut t.stem);
+
+                let (mut h, mut w, mut channels) = (stem_h, stem_w, stem_channels);
+                for block in &self.blocks {
+                    let (out_h, out_w) = block.depthwise.kernel.output_size(h, w);
+                    let outputs = block.project.kernel.outputs();
+                    // SAFETY (all reads below): the buffer read is not
+                    // written in the same phase.
+                    let source = unsafe { current.read(0..batch * h * w * channels) };
+                    if block.fuses(h, w) {
+                        let bands = block.fused_bands(batch, h, w, threads);
+                        let row = out_w * outputs;
+                        member.share(bands.len(), |b| {
+                            let (image, first, rows) = bands[b];
+                            let start = (image * out_h + first) * row;
+                            // SAFETY: bands do not overlap; `wide` is not
+                            // read in this phase.
+                            let out = unsafe { wide.write(start..start + rows * row) };
+                            block.fused_band(isa, source, h, w, bands[b], out);
+                        });
+                        laps.lap(|t| &mut t.fused);
+                    } else {
+                        let hidden = block.depthwise.kernel.channels();
+                        let pixels = batch * h * w;
+                        let expanded: &[f32] = match &block.expand {
+                            Some(expand) => {
+                                let kernel = &expand.kernel;
+                                pointwise_phase(member, kernel, isa, threads, source, None, wide);
+                                // SAFETY: written in the phase just ended.
+                                unsafe { wide.read(0..pixels * hidden) }
+                            }
+                            None => source,
+                        };
+                        laps.lap(|t| &mut t.expand);
+
+                        let row = out_w * hidden;
+                        member.share(batch * out_h, |r| {
+                            // SAFETY: one item per output row.
+                            let out = unsafe { filtered.write(r * row..(r + 1) * row) };
+                            block.depthwise.kernel.run_row(isa, expanded, h, w, r, out);
+                        });
+                        laps.lap(|t| &mut t.depthwise);
+
+                        let pixels = batch * out_h * out_w;
+                        // SAFETY: written in the phase just ended.
+                        let filtered = unsafe { filtered.read(0..pixels * hidden) };
+                        let residual = block.residual.then_some(source);
+                        let kernel = &block.project.kernel;
+                        pointwise_phase(member, kernel, isa, threads, filtered, residual, wide);
+                        laps.lap(|t| &mut t.project);
+                    }
+                    std::mem::swap(&mut current, &mut wide);
+                    (h, w, channels) = (out_h, out_w, outputs);
+                }
+
+                // SAFETY: `current` is not written in this phase.
+                let source = unsafe { current.read(0..batch * h * w * channels) };
+                pointwise_phase(member, &self.head.kernel, isa, threads, source, None, &filtered);
+                laps.lap(|t| &mut t.head);
+                if let Some(own) = laps.times {
+                    if let Ok(mut shared) = measured.lock() {
+                        *shared = own;
+                    }
+                }
+            });
+        }
+        let features = Tensor::from_slice(
+            &buffers.filtered[..features_len],
+            (batch, h, w, FEATURE_DIM),
+            &Device::Cpu,
+        )?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?;
+        if let Ok(mut slot) = self.buffers.lock() {
+            *slot = Some(buffers);
+        }
+        if let Some(times) = times {
+            *times = measured.into_inner().unwrap_or_default();
+        }
+        Ok(features)
     }
 
     /// The 1280-d average-pooled feature and the ImageNet logits, as the

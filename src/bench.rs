@@ -159,8 +159,9 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
     println!("identify request   {req:9.1} ms        ({:.2}x embed batch 1; 1050x700 JPEG, 32-sighting catalog)", req / b1);
     let kind = |f: fn(&LayerTimes) -> f64| median(layers.iter().map(f).collect());
     println!(
-        "batch 1 by layer kind (ms): stem {:.1}, expand 1x1 {:.1}, depthwise {:.1}, project 1x1 + residual {:.1}, head {:.1}",
+        "batch 1 by layer kind (ms): stem {:.1}, fused blocks {:.1}, expand 1x1 {:.1}, depthwise {:.1}, project 1x1 + residual {:.1}, head {:.1}",
         kind(|t| t.stem),
+        kind(|t| t.fused),
         kind(|t| t.expand),
         kind(|t| t.depthwise),
         kind(|t| t.project),

@@ -196,7 +196,10 @@ pub fn batch_tensor(
     size: InputSize,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    let flat: Vec<f32> = inputs.iter().flatten().copied().collect();
+    let mut flat = Vec::with_capacity(inputs.iter().map(Vec::len).sum());
+    for input in inputs {
+        flat.extend_from_slice(input);
+    }
     Tensor::from_vec(
         flat,
         (inputs.len(), 3, size.height as usize, size.width as usize),

@@ -1,0 +1,324 @@
+//! Depthwise k×k convolutions on channel-last maps, with TensorFlow "SAME"
+//! padding, the folded BatchNorm's bias and ReLU6.
+//!
+//! With channels last, one tap of one output pixel is a contiguous run of
+//! channels in the input and in the (repacked) weights, so the inner loop is
+//! a vector multiply-add over channels, in blocks of 64 that stay in
+//! registers across all k×k taps. Taps that fall in the padding are skipped
+//! rather than read as zeros. Each output row is one rayon task.
+
+use rayon::prelude::*;
+
+use super::{relu6, same_padding, Isa};
+
+/// A depthwise convolution with its folded BatchNorm, ready to run.
+#[derive(Debug, Clone)]
+pub struct DepthwiseKernel {
+    /// `[kernel·kernel][channels]`.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    channels: usize,
+    kernel: usize,
+    stride: usize,
+}
+
+/// The columns under one output pixel: the first input column (possibly in
+/// the padding) and the taps that land inside the row.
+#[derive(Clone, Copy)]
+struct Window {
+    col: isize,
+    kx: (usize, usize),
+}
+
+/// Taps `lo..hi` of a kernel starting at `first` that land in `0..size`.
+fn inside(first: isize, kernel: usize, size: usize) -> (usize, usize) {
+    let lo = (-first).clamp(0, kernel as isize) as usize;
+    let hi = (size as isize - first).clamp(lo as isize, kernel as isize) as usize;
+    (lo, hi)
+}
+
+impl DepthwiseKernel {
+    /// Repacks `weight` (`[channels][kernel][kernel]`, as the checkpoint
+    /// stores it) channel-last.
+    pub fn new(
+        weight: &[f32],
+        bias: &[f32],
+        channels: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Self {
+        let taps = kernel * kernel;
+        assert_eq!(weight.len(), channels * taps, "depthwise weight size");
+        assert_eq!(bias.len(), channels, "depthwise bias size");
+        assert!(stride >= 1, "depthwise stride");
+        let mut packed = vec![0f32; weight.len()];
+        for (c, taps_of_c) in weight.chunks_exact(taps).enumerate() {
+            for (t, &w) in taps_of_c.iter().enumerate() {
+                packed[t * channels + c] = w;
+            }
+        }
+        Self {
+            weight: packed,
+            bias: bias.to_vec(),
+            channels,
+            kernel,
+            stride,
+        }
+    }
+
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    pub fn kernel(&self) -> usize {
+        self.kernel
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// Output height and width for an input of `height × width`.
+    pub fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
+        (
+            same_padding(height, self.kernel, self.stride).0,
+            same_padding(width, self.kernel, self.stride).0,
+        )
+    }
+
+    /// Convolves `input` (`[batch][height][width][channels]`) into `out`
+    /// (`[batch][out_h][out_w][channels]`, see
+    /// [`DepthwiseKernel::output_size`]).
+    pub fn run(
+        &self,
+        isa: Isa,
+        input: &[f32],
+        batch: usize,
+        height: usize,
+        width: usize,
+        out: &mut [f32],
+    ) {
+        let c = self.channels;
+        let (out_h, _) = same_padding(height, self.kernel, self.stride);
+        let (out_w, _) = same_padding(width, self.kernel, self.stride);
+        assert_eq!(input.len(), batch * height * width * c, "depthwise input");
+        assert_eq!(out.len(), batch * out_h * out_w * c, "depthwise output");
+        out.par_chunks_mut(out_w * c)
+            .enumerate()
+            .for_each(|(row, out_row)| self.run_row(isa, input, height, width, row, out_row));
+    }
+
+    /// Output row `row` (counted over the whole batch) of
+    /// [`DepthwiseKernel::run`].
+    pub fn run_row(
+        &self,
+        isa: Isa,
+        input: &[f32],
+        height: usize,
+        width: usize,
+        row: usize,
+        out: &mut [f32],
+    ) {
+        let c = self.channels;
+        let (out_h, top) = same_padding(height, self.kernel, self.stride);
+        let (_, left) = same_padding(width, self.kernel, self.stride);
+        let plane = height * width * c;
+        let (image, oy) = (row / out_h, row % out_h);
+        let image = &input[image * plane..(image + 1) * plane];
+        let first = (oy * self.stride) as isize - top as isize;
+        let rows = self.input_rows(first, height, |y| &image[y * width * c..(y + 1) * width * c]);
+        self.row(isa, &rows, width, left, out);
+    }
+
+    /// The input rows under output row whose first tap is input row `first`:
+    /// `kernel` entries, `None` where the tap falls in the padding.
+    pub fn input_rows<'a>(
+        &self,
+        first: isize,
+        height: usize,
+        row: impl Fn(usize) -> &'a [f32],
+    ) -> Vec<Option<&'a [f32]>> {
+        (0..self.kernel as isize)
+            .map(|ky| {
+                let y = first + ky;
+                (y >= 0 && (y as usize) < height).then(|| row(y as usize))
+            })
+            .collect()
+    }
+
+    /// One output row (`[out_w][channels]`) from the `kernel` input rows
+    /// under it (each `[width][channels]`, `None` in the padding), `left`
+    /// being the padding before the first column.
+    pub fn row(
+        &self,
+        isa: Isa,
+        rows: &[Option<&[f32]>],
+        width: usize,
+        left: usize,
+        out: &mut [f32],
+    ) {
+        assert_eq!(rows.len(), self.kernel, "depthwise rows");
+        for row in rows.iter().flatten() {
+            assert_eq!(row.len(), width * self.channels, "depthwise row width");
+        }
+        match isa {
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU has it.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.row_avx512(rows, width, left, out) },
+            // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.row_avx2(rows, width, left, out) },
+            _ => self.row_body::<false>(rows, width, left, out),
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn row_avx512(&self, rows: &[Option<&[f32]>], width: usize, left: usize, out: &mut [f32]) {
+        self.row_body::<true>(rows, width, left, out)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row_avx2(&self, rows: &[Option<&[f32]>], width: usize, left: usize, out: &mut [f32]) {
+        self.row_body::<true>(rows, width, left, out)
+    }
+
+    /// One output row. `FMA` only where the caller's target has fused
+    /// multiply-add; elsewhere `mul_add` would be a library call.
+    #[inline(always)]
+    fn row_body<const FMA: bool>(
+        &self,
+        rows: &[Option<&[f32]>],
+        width: usize,
+        left: usize,
+        out: &mut [f32],
+    ) {
+        let c = self.channels;
+        for (ox, out) in out.chunks_exact_mut(c).enumerate() {
+            let col = (ox * self.stride) as isize - left as isize;
+            let window = Window {
+                col,
+                kx: inside(col, self.kernel, width),
+            };
+            let mut start = 0;
+            while start + 64 <= c {
+                self.block::<64, FMA>(rows, window, start, &mut out[start..start + 64]);
+                start += 64;
+            }
+            while start + 16 <= c {
+                self.block::<16, FMA>(rows, window, start, &mut out[start..start + 16]);
+                start += 16;
+            }
+            while start < c {
+                self.block::<1, FMA>(rows, window, start, &mut out[start..start + 1]);
+                start += 1;
+            }
+        }
+    }
+
+    /// Channels `start..start + B` of one output pixel.
+    #[inline(always)]
+    fn block<const B: usize, const FMA: bool>(
+        &self,
+        rows: &[Option<&[f32]>],
+        window: Window,
+        start: usize,
+        out: &mut [f32],
+    ) {
+        let c = self.channels;
+        let k = self.kernel;
+        let mut acc: [f32; B] = self.bias[start..start + B].try_into().expect("block");
+        for (ky, row) in rows.iter().enumerate() {
+            let Some(row) = row else { continue };
+            for kx in window.kx.0..window.kx.1 {
+                let x = (window.col + kx as isize) as usize;
+                let v: &[f32; B] = row[x * c + start..][..B].try_into().expect("block");
+                let w: &[f32; B] = self.weight[(ky * k + kx) * c + start..][..B]
+                    .try_into()
+                    .expect("block");
+                for j in 0..B {
+                    acc[j] = if FMA {
+                        v[j].mul_add(w[j], acc[j])
+                    } else {
+                        acc[j] + v[j] * w[j]
+                    };
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = relu6(a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn every_variant_matches_candle_grouped_convolution_on_odd_sizes() {
+        let device = Device::Cpu;
+        for &(h, w) in &[(9, 13), (10, 7), (4, 4), (1, 6), (2, 1)] {
+            for &(k, s) in &[(3, 1), (3, 2), (5, 1), (5, 2)] {
+                // 83 channels: one block of 64, one of 16 and three single lanes.
+                let channels = 83;
+                let x = Tensor::randn(0f32, 2.0, (2, channels, h, w), &device).unwrap();
+                let weight = Tensor::randn(0f32, 0.5, (channels, 1, k, k), &device).unwrap();
+                let bias = Tensor::randn(0f32, 1.0, channels, &device).unwrap();
+
+                let (oh, top) = same_padding(h, k, s);
+                let (ow, left) = same_padding(w, k, s);
+                let bottom = ((oh - 1) * s + k).saturating_sub(h) - top;
+                let right = ((ow - 1) * s + k).saturating_sub(w) - left;
+                let reference = x
+                    .pad_with_zeros(2, top, bottom)
+                    .unwrap()
+                    .pad_with_zeros(3, left, right)
+                    .unwrap()
+                    .conv2d(&weight, 0, s, 1, channels)
+                    .unwrap()
+                    .broadcast_add(&bias.reshape((1, channels, 1, 1)).unwrap())
+                    .unwrap()
+                    .clamp(0f32, 6f32)
+                    .unwrap()
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let input = x
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let kernel = DepthwiseKernel::new(
+                    &weight.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    &bias.to_vec1::<f32>().unwrap(),
+                    channels,
+                    k,
+                    s,
+                );
+                assert_eq!(kernel.output_size(h, w), (oh, ow));
+                for isa in Isa::supported() {
+                    let mut out = vec![f32::NAN; 2 * oh * ow * channels];
+                    kernel.run(isa, &input, 2, h, w, &mut out);
+                    let worst = out
+                        .iter()
+                        .zip(&reference)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(worst < 1e-5, "{isa:?} {h}x{w} k{k} s{s}: off by {worst}");
+                }
+            }
+        }
+    }
+}
