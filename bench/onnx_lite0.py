@@ -9,7 +9,7 @@ tests/fixtures/golden before anything is timed.
 
     python bench/onnx_lite0.py --rounds 20 [--height 224 --width 448] [--threads 2]
 
-Prints one line per measurement: `onnxruntime batch=B ms_per_image=X`.
+Prints one line per measurement: `onnxruntime HxW batch=B ms_per_image=X`.
 """
 
 import argparse
@@ -160,7 +160,7 @@ def main():
             start = time.perf_counter()
             sess.run(["features"], {"input": x})
             times.append((time.perf_counter() - start) * 1e3 / batch)
-        print(f"onnxruntime batch={batch} ms_per_image={np.median(times):.2f}")
+        print(f"onnxruntime {args.height}x{args.width} batch={batch} ms_per_image={np.median(times):.2f}")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,13 @@ impl Pointwise {
     ) -> Result<Self, BackboneError> {
         let (weight, bias) = w.conv_bn(conv, bn, &[out, inp, 1, 1])?;
         Ok(Self {
-            kernel: PointwiseKernel::new(&cpu_values(&weight)?, &cpu_values(&bias)?, inp, out, relu6),
+            kernel: PointwiseKernel::new(
+                &cpu_values(&weight)?,
+                &cpu_values(&bias)?,
+                inp,
+                out,
+                relu6,
+            ),
             weight: weight.reshape((out, inp))?,
             bias: bias.reshape((out, 1))?,
             relu6,
@@ -195,7 +201,10 @@ impl Pointwise {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let flat = x.reshape((batch, channels, height * width))?;
-        let y = self.weight.broadcast_matmul(&flat)?.broadcast_add(&self.bias)?;
+        let y = self
+            .weight
+            .broadcast_matmul(&flat)?
+            .broadcast_add(&self.bias)?;
         let y = if self.relu6 { y.clamp(0f32, 6f32)? } else { y };
         y.reshape((batch, (), height, width))
     }
@@ -312,14 +321,31 @@ const FUSE_BYTES: usize = 1 << 20;
 
 impl Block {
     /// Whether the fused path pays off: one image's expanded map would not
-    /// stay in the core's cache between the layers.
-    fn fuses(&self, height: usize, width: usize) -> bool {
+    /// stay in the core's cache between the layers, and the bands are tall
+    /// enough that the expanded rows computed twice at their edges add at
+    /// most half again to the expansion.
+    fn fuses(&self, batch: usize, height: usize, width: usize, threads: usize) -> bool {
         let hidden = self.depthwise.kernel.channels();
-        self.expand.is_some() && height * width * hidden * size_of::<f32>() > FUSE_BYTES
+        if self.expand.is_none() || height * width * hidden * size_of::<f32>() <= FUSE_BYTES {
+            return false;
+        }
+        let (k, s) = (
+            self.depthwise.kernel.kernel(),
+            self.depthwise.kernel.stride(),
+        );
+        let band = self.band_rows(batch, height, width, threads);
+        2 * (band * s + k.saturating_sub(s)) <= 3 * band * s
+    }
+
+    /// Output rows per band of [`Block::fused_band`]: about four bands per
+    /// thread, for balance.
+    fn band_rows(&self, batch: usize, height: usize, width: usize, threads: usize) -> usize {
+        let (out_h, _) = self.depthwise.kernel.output_size(height, width);
+        (batch * out_h).div_ceil(threads * 4).clamp(1, out_h)
     }
 
     /// The work items of [`Block::fused_band`] for a batch: bands of output
-    /// rows `(image, first row, rows)`, about four per thread for balance.
+    /// rows `(image, first row, rows)`.
     fn fused_bands(
         &self,
         batch: usize,
@@ -328,7 +354,7 @@ impl Block {
         threads: usize,
     ) -> Vec<(usize, usize, usize)> {
         let (out_h, _) = self.depthwise.kernel.output_size(height, width);
-        let band = (batch * out_h).div_ceil(threads * 4).clamp(1, out_h);
+        let band = self.band_rows(batch, height, width, threads);
         (0..batch)
             .flat_map(|image| {
                 (0..out_h)
@@ -684,7 +710,7 @@ impl Backbone {
         for block in &self.blocks {
             let hidden = block.depthwise.kernel.channels();
             let (out_h, out_w) = block.depthwise.kernel.output_size(h, w);
-            if !block.fuses(h, w) {
+            if !block.fuses(batch, h, w, threads) {
                 largest = largest.max(batch * h * w * hidden);
                 largest_filtered = largest_filtered.max(batch * out_h * out_w * hidden);
             }
@@ -723,7 +749,7 @@ impl Backbone {
                     // SAFETY (all reads below): the buffer read is not
                     // written in the same phase.
                     let source = unsafe { current.read(0..batch * h * w * channels) };
-                    if block.fuses(h, w) {
+                    if block.fuses(batch, h, w, threads) {
                         let bands = block.fused_bands(batch, h, w, threads);
                         let row = out_w * outputs;
                         member.share(bands.len(), |b| {
@@ -771,7 +797,15 @@ impl Backbone {
 
                 // SAFETY: `current` is not written in this phase.
                 let source = unsafe { current.read(0..batch * h * w * channels) };
-                pointwise_phase(member, &self.head.kernel, isa, threads, source, None, &filtered);
+                pointwise_phase(
+                    member,
+                    &self.head.kernel,
+                    isa,
+                    threads,
+                    source,
+                    None,
+                    &filtered,
+                );
                 laps.lap(|t| &mut t.head);
                 if let Some(own) = laps.times {
                     if let Ok(mut shared) = measured.lock() {

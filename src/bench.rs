@@ -119,14 +119,29 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
             .to_request()
     };
 
+    // The same network on square 224×224 photos, as ImageNet models are
+    // usually compared.
+    let square_size = InputSize {
+        width: 224,
+        height: 224,
+    };
+    let square = Embedder::load(models, square_size, &Device::Cpu)?;
+    let square_input = vec![square.prepare(&images[0])];
+
     // Warm-up: first passes allocate and fault in the weights.
     embedder.embed_inputs(&inputs[..1])?;
     embedder.embed_inputs(&inputs)?;
+    square.embed_inputs(&square_input)?;
 
     let single_input = crate::photo::batch_tensor(&inputs[..1], input, &Device::Cpu)?;
     let mut layers = Vec::new();
     let (mut single, mut batched, mut requests) = (Vec::new(), Vec::new(), Vec::new());
+    let mut squares = Vec::new();
     for _ in 0..rounds {
+        let t = Instant::now();
+        square.embed_inputs(&square_input)?;
+        squares.push(t.elapsed().as_secs_f64() * 1e3);
+
         let t = Instant::now();
         embedder.embed_inputs(&inputs[..1])?;
         single.push(t.elapsed().as_secs_f64() * 1e3);
@@ -148,9 +163,11 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
 
     let (b1, b8, req) = (median(single), median(batched), median(requests));
     println!(
-        "flukeid bench: {rounds} interleaved rounds, median, input {input}, {} rayon threads",
-        rayon::current_num_threads()
+        "flukeid bench: {rounds} interleaved rounds, median, input {input}, {} threads, {} kernels",
+        rayon::current_num_threads(),
+        embedder.backbone().isa().name()
     );
+    println!("embed 224x224 batch 1 {:6.1} ms/image", median(squares));
     println!("embed batch 1      {b1:9.1} ms/image");
     println!(
         "embed batch 8      {b8:9.1} ms/image  ({:.2}x batch 1)",

@@ -166,14 +166,44 @@ impl Embedder {
 }
 
 /// Generalised-mean pooling over height and width:
-/// `(mean(max(x, ε)^p))^(1/p)`.
+/// `(mean(max(x, ε)^p))^(1/p)`. On the CPU it is one pass over the map
+/// (the cube for p = 3 as two multiplications); elsewhere candle's
+/// operations.
 pub fn gem(features: &Tensor, p: f64) -> candle_core::Result<Tensor> {
-    features
-        .clamp(1e-6f32, f32::MAX)?
-        .powf(p)?
-        .mean(D::Minus1)?
-        .mean(D::Minus1)?
-        .powf(1.0 / p)
+    const EPS: f32 = 1e-6;
+    let (batch, channels, height, width) = features.dims4()?;
+    if !features.device().is_cpu() {
+        return features
+            .clamp(EPS, f32::MAX)?
+            .powf(p)?
+            .mean(D::Minus1)?
+            .mean(D::Minus1)?
+            .powf(1.0 / p);
+    }
+    let values = features
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let area = height * width;
+    let cube = p == 3.0;
+    let pooled: Vec<f32> = values
+        .chunks_exact(area.max(1))
+        .map(|plane| {
+            let sum: f64 = plane
+                .iter()
+                .map(|&v| {
+                    let v = v.max(EPS);
+                    if cube {
+                        (v * v * v) as f64
+                    } else {
+                        (v as f64).powf(p)
+                    }
+                })
+                .sum();
+            (sum / area as f64).powf(1.0 / p) as f32
+        })
+        .collect();
+    Tensor::from_vec(pooled, (batch, channels), &Device::Cpu)
 }
 
 /// Scales each row to unit length.
@@ -190,4 +220,30 @@ pub fn l2_normalise(x: &Tensor) -> candle_core::Result<Tensor> {
 /// vectors.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gem_pools_each_channel_by_its_generalised_mean() {
+        let features = Tensor::new(&[[[[1f32, 2.0]], [[0.0, -1.0]]]], &Device::Cpu).unwrap();
+        let cube: Vec<f32> = gem(&features, 3.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // (mean(1³, 2³))^(1/3); negatives and zeros count as ε.
+        assert!((cube[0] - 4.5f32.powf(1.0 / 3.0)).abs() < 1e-5, "{cube:?}");
+        assert!((cube[1] - 1e-6).abs() < 1e-9, "{cube:?}");
+        let square: Vec<f32> = gem(&features, 2.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!((square[0] - 2.5f32.sqrt()).abs() < 1e-5, "{square:?}");
+    }
 }

@@ -134,7 +134,11 @@ impl PointwiseKernel {
         assert_eq!(input.len(), rows * self.inputs, "pointwise input size");
         assert_eq!(out.len(), rows * self.outputs, "pointwise output size");
         if let Some(residual) = residual {
-            assert_eq!(residual.len(), rows * self.outputs, "pointwise residual size");
+            assert_eq!(
+                residual.len(),
+                rows * self.outputs,
+                "pointwise residual size"
+            );
         }
         if rows > 0 {
             self.run_chunk(isa, input, rows, residual, out);
@@ -188,6 +192,9 @@ impl Tile<'_> {
             // SAFETY: `Isa::Avx512` is only chosen when the CPU has AVX-512F
             // (see `Isa::supported`); the slice lengths were checked above.
             #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if self.cols <= 16 => unsafe { self.avx512_half() },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { self.avx512() },
             // SAFETY: as above, for AVX2 and FMA.
             #[cfg(target_arch = "x86_64")]
@@ -231,11 +238,8 @@ impl Tile<'_> {
         let mut acc0 = [_mm512_loadu_ps(bias); MR];
         let mut acc1 = [_mm512_loadu_ps(bias.add(16)); MR];
         // Rows past the last pixel repeat it; their sums are not stored.
-        let x: [*const f32; MR] = std::array::from_fn(|i| {
-            self.pixels
-                .as_ptr()
-                .add(i.min(self.rows - 1) * self.inputs)
-        });
+        let x: [*const f32; MR] =
+            std::array::from_fn(|i| self.pixels.as_ptr().add(i.min(self.rows - 1) * self.inputs));
         let w = self.weights.as_ptr();
         for p in 0..self.inputs {
             let w0 = _mm512_loadu_ps(w.add(p * PANEL));
@@ -272,6 +276,46 @@ impl Tile<'_> {
         }
     }
 
+    /// [`Tile::avx512`] for a panel whose last 16 channels are padding
+    /// (layers with 16, 40, 80 or 112 outputs end with one).
+    ///
+    /// # Safety
+    /// As for [`Tile::avx512`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_half(&mut self) {
+        use std::arch::x86_64::*;
+        const MR: usize = 14;
+        let mut acc = [_mm512_loadu_ps(self.bias.as_ptr()); MR];
+        let x: [*const f32; MR] =
+            std::array::from_fn(|i| self.pixels.as_ptr().add(i.min(self.rows - 1) * self.inputs));
+        let w = self.weights.as_ptr();
+        for p in 0..self.inputs {
+            let w0 = _mm512_loadu_ps(w.add(p * PANEL));
+            for i in 0..MR {
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(*x[i].add(p)), w0, acc[i]);
+            }
+        }
+        let mask = ((1u32 << self.cols) - 1) as __mmask16;
+        let zero = _mm512_setzero_ps();
+        let six = _mm512_set1_ps(6.0);
+        let out = self.out.as_mut_ptr();
+        let residual = self.residual.map(|r| r.as_ptr());
+        for i in 0..MR {
+            if i < self.rows {
+                let mut a = acc[i];
+                let at = i * self.stride;
+                if let Some(r) = residual {
+                    a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(mask, r.add(at)));
+                }
+                if self.relu6 {
+                    a = _mm512_min_ps(_mm512_max_ps(a, zero), six);
+                }
+                _mm512_mask_storeu_ps(out.add(at), mask, a);
+            }
+        }
+    }
+
     /// The panel as two halves of 16 channels, each six pixels by two
     /// 8-lane vectors.
     ///
@@ -286,11 +330,8 @@ impl Tile<'_> {
         let zero = _mm256_setzero_ps();
         let six = _mm256_set1_ps(6.0);
         // Rows past the last pixel repeat it; their sums are not stored.
-        let x: [*const f32; MR] = std::array::from_fn(|i| {
-            self.pixels
-                .as_ptr()
-                .add(i.min(self.rows - 1) * self.inputs)
-        });
+        let x: [*const f32; MR] =
+            std::array::from_fn(|i| self.pixels.as_ptr().add(i.min(self.rows - 1) * self.inputs));
         let out = self.out.as_mut_ptr();
         let residual = self.residual.map(|r| r.as_ptr());
         for half in [0, 16] {
@@ -388,7 +429,13 @@ mod tests {
     #[test]
     fn every_variant_matches_the_plain_product_on_ragged_shapes() {
         // Rows and channels that leave partial tiles and partial panels.
-        for &(rows, k, n) in &[(1, 3, 5), (13, 16, 24), (29, 40, 80), (98, 33, 70), (200, 8, 32)] {
+        for &(rows, k, n) in &[
+            (1, 3, 5),
+            (13, 16, 24),
+            (29, 40, 80),
+            (98, 33, 70),
+            (200, 8, 32),
+        ] {
             let weight = values(k * n, 1);
             let bias = values(n, 2);
             let input: Vec<f32> = values(rows * k, 3).iter().map(|v| v * 4.0).collect();

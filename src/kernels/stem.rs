@@ -1,23 +1,19 @@
 //! The stem: a k×k strided convolution from the photo's planar RGB
 //! (`[batch][3][height][width]`, as the photo is prepared) to a channel-last
 //! map, with "SAME" padding, the folded BatchNorm's bias and ReLU6. Each
-//! output pixel gathers its 3·k·k inputs once and multiplies them by the
-//! weights, laid out `[input][output]`, 16 output channels at a time.
+//! output row gathers the 3·k·k inputs of each of its pixels into a small
+//! `[pixel][3·k·k]` matrix, which the 1×1 kernel ([`PointwiseKernel`])
+//! multiplies by the weights in register tiles.
 
 use rayon::prelude::*;
 
-use super::{relu6, same_padding, Isa};
-
-/// Output channels computed together.
-const BLOCK: usize = 16;
+use super::{same_padding, Isa, PointwiseKernel};
 
 /// The stem convolution with its folded BatchNorm, ready to run.
 #[derive(Debug, Clone)]
 pub struct StemKernel {
-    /// `[3·kernel·kernel][outputs]`.
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    outputs: usize,
+    /// The weights as a product from 3·k·k gathered inputs to the outputs.
+    product: PointwiseKernel,
     kernel: usize,
     stride: usize,
 }
@@ -26,30 +22,18 @@ pub struct StemKernel {
 const COLOURS: usize = 3;
 
 impl StemKernel {
-    /// Repacks `weight` (`[outputs][3][kernel][kernel]`). `outputs` must be a
-    /// multiple of 16.
+    /// Takes `weight` as the checkpoint stores it, `[outputs][3][kernel][kernel]`.
     pub fn new(weight: &[f32], bias: &[f32], outputs: usize, kernel: usize, stride: usize) -> Self {
         let taps = COLOURS * kernel * kernel;
-        assert_eq!(weight.len(), outputs * taps, "stem weight size");
-        assert_eq!(bias.len(), outputs, "stem bias size");
-        assert_eq!(outputs % BLOCK, 0, "stem outputs must be a multiple of {BLOCK}");
-        let mut packed = vec![0f32; weight.len()];
-        for (o, row) in weight.chunks_exact(taps).enumerate() {
-            for (t, &w) in row.iter().enumerate() {
-                packed[t * outputs + o] = w;
-            }
-        }
         Self {
-            weight: packed,
-            bias: bias.to_vec(),
-            outputs,
+            product: PointwiseKernel::new(weight, bias, taps, outputs, true),
             kernel,
             stride,
         }
     }
 
     pub fn outputs(&self) -> usize {
-        self.outputs
+        self.product.outputs()
     }
 
     /// Output height and width for an input of `height × width`.
@@ -71,11 +55,14 @@ impl StemKernel {
         width: usize,
         out: &mut [f32],
     ) {
-        let (out_h, _) = same_padding(height, self.kernel, self.stride);
-        let (out_w, _) = same_padding(width, self.kernel, self.stride);
+        let (out_h, out_w) = self.output_size(height, width);
         assert_eq!(input.len(), batch * COLOURS * height * width, "stem input");
-        assert_eq!(out.len(), batch * out_h * out_w * self.outputs, "stem output");
-        out.par_chunks_mut(out_w * self.outputs)
+        assert_eq!(
+            out.len(),
+            batch * out_h * out_w * self.outputs(),
+            "stem output"
+        );
+        out.par_chunks_mut(out_w * self.outputs())
             .enumerate()
             .for_each(|(row, out_row)| self.run_row(isa, input, height, width, row, out_row));
     }
@@ -90,85 +77,35 @@ impl StemKernel {
         row: usize,
         out: &mut [f32],
     ) {
-        let (out_h, top) = same_padding(height, self.kernel, self.stride);
-        let (_, left) = same_padding(width, self.kernel, self.stride);
-        let photo = COLOURS * height * width;
-        let (image, oy) = (row / out_h, row % out_h);
-        let image = &input[image * photo..(image + 1) * photo];
-        let first_row = (oy * self.stride) as isize - top as isize;
-        let geometry = (height, width, first_row, left);
-        match isa {
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU has it.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { self.row_avx512(image, geometry, out) },
-            // SAFETY: `Isa::Avx2` is only chosen with AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { self.row_avx2(image, geometry, out) },
-            _ => self.row_body::<false>(image, geometry, out),
-        }
-    }
-
-    /// # Safety
-    /// The CPU must support AVX-512F.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn row_avx512(&self, image: &[f32], g: (usize, usize, isize, usize), out: &mut [f32]) {
-        self.row_body::<true>(image, g, out)
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_avx2(&self, image: &[f32], g: (usize, usize, isize, usize), out: &mut [f32]) {
-        self.row_body::<true>(image, g, out)
-    }
-
-    #[inline(always)]
-    fn row_body<const FMA: bool>(
-        &self,
-        image: &[f32],
-        (height, width, first_row, left): (usize, usize, isize, usize),
-        out: &mut [f32],
-    ) {
         let k = self.kernel;
+        let (out_h, top) = same_padding(height, k, self.stride);
+        let (out_w, left) = same_padding(width, k, self.stride);
         let plane = height * width;
-        let mut patch = vec![0f32; COLOURS * k * k];
-        for (ox, out) in out.chunks_exact_mut(self.outputs).enumerate() {
-            let first_col = (ox * self.stride) as isize - left as isize;
-            let mut t = 0;
-            for colour in 0..COLOURS {
-                for ky in 0..k {
-                    let y = first_row + ky as isize;
+        let (image, oy) = (row / out_h, row % out_h);
+        let image = &input[image * COLOURS * plane..(image + 1) * COLOURS * plane];
+        let first_row = (oy * self.stride) as isize - top as isize;
+        let taps = COLOURS * k * k;
+        let mut patches = vec![0f32; out_w * taps];
+        for colour in 0..COLOURS {
+            for ky in 0..k {
+                let y = first_row + ky as isize;
+                if y < 0 || y as usize >= height {
+                    continue;
+                }
+                let line = &image[colour * plane + y as usize * width..][..width];
+                let tap = (colour * k + ky) * k;
+                for (ox, patch) in patches.chunks_exact_mut(taps).enumerate() {
+                    let first_col = (ox * self.stride) as isize - left as isize;
                     for kx in 0..k {
                         let x = first_col + kx as isize;
-                        let inside =
-                            y >= 0 && x >= 0 && (y as usize) < height && (x as usize) < width;
-                        patch[t] = if inside {
-                            image[colour * plane + y as usize * width + x as usize]
-                        } else {
-                            0.0
-                        };
-                        t += 1;
+                        if x >= 0 && (x as usize) < width {
+                            patch[tap + kx] = line[x as usize];
+                        }
                     }
-                }
-            }
-            for (block, out) in out.chunks_exact_mut(BLOCK).enumerate() {
-                let start = block * BLOCK;
-                let mut acc: [f32; BLOCK] = self.bias[start..start + BLOCK].try_into().expect("block");
-                for (t, &v) in patch.iter().enumerate() {
-                    let w: &[f32; BLOCK] = self.weight[t * self.outputs + start..][..BLOCK]
-                        .try_into()
-                        .expect("block");
-                    for j in 0..BLOCK {
-                        acc[j] = if FMA { v.mul_add(w[j], acc[j]) } else { acc[j] + v * w[j] };
-                    }
-                }
-                for (o, a) in out.iter_mut().zip(acc) {
-                    *o = relu6(a);
                 }
             }
         }
+        self.product.run_here(isa, &patches, None, out);
     }
 }
 

@@ -158,7 +158,10 @@ impl<'a> Shared<'a> {
     /// Nobody may write these values while the slice lives (in the team:
     /// the buffer is not written in the current phase).
     pub unsafe fn read(&self, range: Range<usize>) -> &[f32] {
-        assert!(range.start <= range.end && range.end <= self.len, "shared read");
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "shared read"
+        );
         std::slice::from_raw_parts(self.ptr.add(range.start), range.end - range.start)
     }
 
@@ -170,7 +173,10 @@ impl<'a> Shared<'a> {
     /// read in the current phase).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn write(&self, range: Range<usize>) -> &mut [f32] {
-        assert!(range.start <= range.end && range.end <= self.len, "shared write");
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "shared write"
+        );
         std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
     }
 }
