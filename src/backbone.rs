@@ -317,7 +317,7 @@ impl Block {
 
 /// Expanded maps larger than this (per image) are not written out whole:
 /// the block runs fused, row by row (see [`Block::forward_fused`]).
-const FUSE_BYTES: usize = 1 << 20;
+const FUSE_BYTES: usize = 1 << 19;
 
 impl Block {
     /// Whether the fused path pays off: one image's expanded map would not

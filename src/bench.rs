@@ -1,7 +1,9 @@
 //! `flukeid bench`: milliseconds per image for the embedding at batch 1
-//! and batch 8, and the latency of one identify request through the HTTP
-//! service, measured in interleaved rounds so that a slow stretch of the
-//! machine hits every figure alike. Nothing here asserts a time.
+//! and batch 8, the latency of one identify request through the HTTP
+//! service, and bulk scoring (reading, decoding and resizing photos while
+//! the previous batch is embedded) against embedding the same photos
+//! already decoded, measured in interleaved rounds so that a slow stretch
+//! of the machine hits every figure alike. Nothing here asserts a time.
 
 use std::path::Path;
 use std::time::Instant;
@@ -14,7 +16,13 @@ use crate::embed::Embedder;
 use crate::http::{self, ServeOptions, Service};
 use crate::identify::Identifier;
 use crate::ingest::{self, IngestOptions};
-use crate::photo::InputSize;
+use crate::photo::{DecodeLimits, InputSize};
+use crate::score;
+
+/// Photos per batch in the batched and bulk measurements.
+const BATCH: usize = 8;
+/// At most this many photos in the bulk-scoring measurement.
+const BULK_PHOTOS: usize = 96;
 
 /// A deterministic fluke-like picture: a dark wide shape on a bright sea,
 /// with white spots placed by `seed`. Used by the benchmark and tests.
@@ -62,7 +70,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the benchmark and prints its figures.
-pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(
+    models: &Path,
+    rounds: usize,
+    bulk_photos: Option<&Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let rounds = rounds.max(1);
     let input = InputSize::default();
     let embedder = Embedder::load(models, input, &Device::Cpu)?;
@@ -89,6 +101,29 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
         &IngestOptions::default(),
     )?;
     let identifier = Identifier::open(&catalog, embedder.clone(), None)?;
+
+    // Photos for bulk scoring: the caller's, or synthetic JPEGs.
+    let (photo_dir, mut names) = match bulk_photos {
+        Some(dir) => (dir.to_owned(), score::list_images(dir)?),
+        None => {
+            let dir = scratch.join("bulk");
+            std::fs::create_dir_all(&dir)?;
+            let mut names = Vec::new();
+            for i in 0..48 {
+                let name = format!("b{i:02}.jpg");
+                synthetic_fluke(500 + i, 1050, 700).save(dir.join(&name))?;
+                names.push(name);
+            }
+            (dir, names)
+        }
+    };
+    names.truncate(BULK_PHOTOS);
+    let limits = DecodeLimits::default();
+    let mut decoded = Vec::new();
+    score::decode_batches(&photo_dir, &names, BATCH, limits, input, |_, inputs| {
+        decoded.extend(inputs);
+        Ok(())
+    })?;
     let service = Service::new(ServeOptions::default());
     service.set_ready(identifier);
     let mut jpeg = Vec::new();
@@ -137,6 +172,7 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
     let mut layers = Vec::new();
     let (mut single, mut batched, mut requests) = (Vec::new(), Vec::new(), Vec::new());
     let mut squares = Vec::new();
+    let (mut bare, mut piped) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
         square.embed_inputs(&square_input)?;
@@ -158,6 +194,21 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
         requests.push(t.elapsed().as_secs_f64() * 1e3);
 
         layers.push(embedder.backbone().layer_times(&single_input)?);
+
+        let t = Instant::now();
+        for chunk in decoded.chunks(BATCH) {
+            embedder.embed_inputs(chunk)?;
+        }
+        bare.push(decoded.len() as f64 / t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        score::decode_batches(&photo_dir, &names, BATCH, limits, input, |_, inputs| {
+            embedder
+                .embed_inputs(&inputs)
+                .map(drop)
+                .map_err(|e| score::ScoreError::from(crate::identify::IdentifyError::from(e)))
+        })?;
+        piped.push(names.len() as f64 / t.elapsed().as_secs_f64());
     }
     let _ = std::fs::remove_dir_all(&scratch);
 
@@ -174,6 +225,13 @@ pub fn run(models: &Path, rounds: usize) -> Result<(), Box<dyn std::error::Error
         b8 / b1
     );
     println!("identify request   {req:9.1} ms        ({:.2}x embed batch 1; 1050x700 JPEG, 32-sighting catalog)", req / b1);
+    let (bare, piped) = (median(bare), median(piped));
+    println!(
+        "bulk scoring  {piped:9.1} images/s ({:.2}x bare batched embedding, {bare:.1} images/s; {} photos from {})",
+        piped / bare,
+        names.len(),
+        bulk_photos.map_or("synthetic 1050x700 JPEGs".to_owned(), |p| p.display().to_string())
+    );
     let kind = |f: fn(&LayerTimes) -> f64| median(layers.iter().map(f).collect());
     println!(
         "batch 1 by layer kind (ms): stem {:.1}, fused blocks {:.1}, expand 1x1 {:.1}, depthwise {:.1}, project 1x1 + residual {:.1}, head {:.1}",

@@ -1,5 +1,7 @@
-//! The HNSW index over catalogued embeddings (cosine distance on unit
-//! vectors), saved beside the catalog so a restart does not rebuild it.
+//! The HNSW index (hnsw_rs) over catalogued embeddings, saved beside the
+//! catalog so a restart does not rebuild it. Embeddings are unit vectors,
+//! so the distance is `1 − a·b` ([`UnitDot`]): the same order as cosine
+//! without the norms, in f32.
 //!
 //! The catalog database is the source of truth. The saved graph carries a
 //! manifest with the number of sightings and the largest sighting id it
@@ -10,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use hnsw_rs::api::AnnT;
 use hnsw_rs::hnswio::HnswIo;
-use hnsw_rs::prelude::{DistCosine, Hnsw};
+use hnsw_rs::prelude::{Distance, Hnsw};
 use serde::{Deserialize, Serialize};
 
 /// Folder of the saved graph inside a catalog folder.
@@ -19,9 +21,79 @@ const BASENAME: &str = "sightings";
 const MANIFEST: &str = "manifest.json";
 
 /// Links per node. 16 is the usual trade-off between recall and memory.
-const MAX_CONNECTIONS: usize = 16;
+pub const MAX_CONNECTIONS: usize = 16;
 /// Candidate list while building; high for recall, paid once per insert.
-const EF_CONSTRUCTION: usize = 200;
+pub const EF_CONSTRUCTION: usize = 200;
+/// Candidate list while searching, unless [`VectorIndex::search_with_ef`]
+/// says otherwise.
+pub const DEFAULT_EF: usize = 128;
+/// The distance a saved graph was built with, recorded in its manifest.
+/// Graphs saved without it (built with hnsw_rs's cosine distance) are not
+/// loaded but rebuilt from the catalog.
+const DISTANCE: &str = "unit-dot";
+
+/// `1 − a·b`, the distance between unit vectors (0 for the same
+/// direction), clamped at 0 against rounding.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnitDot;
+
+impl Distance<f32> for UnitDot {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - dot(a, b)).max(0.0)
+    }
+}
+
+/// The dot product, with AVX2 and FMA where the CPU has them.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot product of different lengths");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has just been seen to support AVX2 and FMA.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_lanes::<false>(a, b)
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes::<true>(a, b)
+}
+
+/// Sixteen independent partial sums, which the compiler turns into vector
+/// registers. `FMA` only where the target has fused multiply-add.
+#[inline(always)]
+fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 16];
+    let (chunks_a, chunks_b) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = chunks_a
+        .remainder()
+        .iter()
+        .zip(chunks_b.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in chunks_a.zip(chunks_b) {
+        for j in 0..16 {
+            sums[j] = if FMA {
+                x[j].mul_add(y[j], sums[j])
+            } else {
+                sums[j] + x[j] * y[j]
+            };
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// The manifest as saved: what the graph holds and its distance.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    #[serde(flatten)]
+    manifest: Manifest,
+    #[serde(default)]
+    distance: String,
+}
 const MAX_LAYERS: usize = 16;
 
 /// Why the index could not be saved or loaded.
@@ -54,7 +126,7 @@ pub struct Hit {
 
 /// An in-memory HNSW graph of sighting embeddings.
 pub struct VectorIndex {
-    hnsw: Hnsw<'static, f32, DistCosine>,
+    hnsw: Hnsw<'static, f32, UnitDot>,
     manifest: Manifest,
 }
 
@@ -74,7 +146,7 @@ impl VectorIndex {
             expected.max(1024),
             MAX_LAYERS,
             EF_CONSTRUCTION,
-            DistCosine {},
+            UnitDot,
         );
         Self {
             hnsw,
@@ -124,15 +196,21 @@ impl VectorIndex {
 
     /// The `k` nearest sightings, most similar first.
     pub fn search(&self, query: &[f32], k: usize) -> Vec<Hit> {
+        // A wide candidate list: the catalogs are small enough that exact
+        // recall of the top 50 is worth a few extra distance computations.
+        self.search_with_ef(query, k, (2 * k).max(DEFAULT_EF))
+    }
+
+    /// The `k` nearest sightings, most similar first, keeping `ef`
+    /// candidates (at least `k`) on the bottom layer: larger finds more of
+    /// the true neighbours and takes longer.
+    pub fn search_with_ef(&self, query: &[f32], k: usize, ef: usize) -> Vec<Hit> {
         if self.is_empty() || k == 0 {
             return Vec::new();
         }
-        // A wide candidate list: the catalogs are small enough that exact
-        // recall of the top 50 is worth a few extra distance computations.
-        let ef = (2 * k).max(128);
         let mut hits: Vec<Hit> = self
             .hnsw
-            .search(query, k, ef)
+            .search(query, k, ef.max(k))
             .into_iter()
             .map(|n| Hit {
                 sighting_id: n.d_id as i64,
@@ -172,7 +250,11 @@ impl VectorIndex {
                 });
             }
         }
-        let manifest = serde_json::to_vec_pretty(&self.manifest).expect("manifest serialises");
+        let saved = Saved {
+            manifest: self.manifest,
+            distance: DISTANCE.to_owned(),
+        };
+        let manifest = serde_json::to_vec_pretty(&saved).expect("manifest serialises");
         std::fs::write(partial.join(MANIFEST), manifest).map_err(io(&partial))?;
 
         let _ = std::fs::remove_dir_all(&old);
@@ -191,10 +273,11 @@ impl VectorIndex {
         let Ok(bytes) = std::fs::read(dir.join(MANIFEST)) else {
             return Ok(None);
         };
-        let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
+        let Ok(saved) = serde_json::from_slice::<Saved>(&bytes) else {
             return Ok(None);
         };
-        if manifest != expected {
+        let manifest = saved.manifest;
+        if manifest != expected || saved.distance != DISTANCE {
             return Ok(None);
         }
         if manifest.count == 0 {
@@ -204,7 +287,7 @@ impl VectorIndex {
         // small and a process loads the index once, so it is leaked to get a
         // graph that can live in the server's state.
         let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(&dir, BASENAME)));
-        let hnsw: Hnsw<'static, f32, DistCosine> =
+        let hnsw: Hnsw<'static, f32, UnitDot> =
             loader.load_hnsw().map_err(|e| IndexError::Hnsw {
                 path: dir.clone(),
                 reason: e.to_string(),
@@ -264,5 +347,31 @@ mod tests {
             ..index.manifest()
         };
         assert!(VectorIndex::load(dir.path(), stale).unwrap().is_none());
+
+        // A manifest without the distance (saved by the cosine versions)
+        // is refused too, so the graph is rebuilt.
+        let path = dir.path().join(INDEX_DIR).join(MANIFEST);
+        std::fs::write(&path, serde_json::to_vec(&index.manifest()).unwrap()).unwrap();
+        assert!(VectorIndex::load(dir.path(), index.manifest())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn dot_product_matches_the_plain_sum_at_any_length() {
+        for n in [1, 15, 16, 17, 256, 1283] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 7) % 11) as f32 / 10.0 - 0.5).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 5) % 13) as f32 / 12.0 - 0.5).collect();
+            let plain: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - plain).abs() < 1e-4, "{n}");
+            assert!(
+                (dot_lanes::<false>(&a, &b) as f64 - plain).abs() < 1e-4,
+                "{n}"
+            );
+        }
+        // A unit vector against itself is at distance 0, never below.
+        let u = unit(&[0.3, 0.4, 0.5, 0.6, 0.7]);
+        assert_eq!(UnitDot.eval(&u, &u), 0.0f32.max(1.0 - dot(&u, &u)));
+        assert!(UnitDot.eval(&u, &u) < 1e-6);
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod backbone;
 pub mod bench;
+pub mod bench_index;
 pub mod catalog;
 pub mod embed;
 pub mod http;
@@ -20,4 +21,5 @@ pub mod kernels;
 pub mod labels;
 pub mod photo;
 pub mod score;
+pub mod synthetic_catalog;
 pub mod weights;

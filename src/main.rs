@@ -9,11 +9,13 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use flukeid::bench_index::{self, IndexBenchOptions};
 use flukeid::catalog::Catalog;
 use flukeid::embed::Embedder;
 use flukeid::identify::{self, Identifier};
 use flukeid::ingest::{self, IngestOptions};
 use flukeid::photo::{DecodeLimits, InputSize};
+use flukeid::synthetic_catalog::CatalogShape;
 use flukeid::{bench, http, score, weights};
 
 /// Every layer of the network allocates its output afresh. The system
@@ -51,6 +53,9 @@ enum Command {
     ConvertWeights(ConvertArgs),
     /// Time the embedding and one identify request.
     Bench(BenchArgs),
+    /// Measure the HNSW index on a synthetic catalog; writes the data for
+    /// bench/hnswlib_peer.py.
+    BenchIndex(BenchIndexArgs),
     /// Print the OpenAPI document of the HTTP service.
     Openapi,
 }
@@ -189,6 +194,45 @@ struct BenchArgs {
     /// Timed repetitions of each measurement.
     #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// Photos for the bulk-scoring measurement (at most 96 are used);
+    /// synthetic 1050×700 JPEGs when not given.
+    #[arg(long)]
+    photos: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchIndexArgs {
+    /// Catalog vectors.
+    #[arg(long, default_value_t = 100_000)]
+    vectors: usize,
+    /// Held-out query vectors; default min(10,000, vectors / 20).
+    #[arg(long)]
+    queries: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    dim: usize,
+    /// Noise length relative to a whale's unit centre.
+    #[arg(long, default_value_t = 0.5)]
+    noise: f32,
+    /// Centres' spread falls as (1 + coordinate)^-spectrum; 0 is uniform.
+    #[arg(long, default_value_t = 0.5)]
+    spectrum: f32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Candidate-list sizes to search with, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,16,24,32,48,64,96,128,192,256,384,512,768,1024"
+    )]
+    ef: Vec<usize>,
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Timed passes over the queries per ef; the best counts.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Folder for the data, the saved index and flukeid.json.
+    #[arg(long, default_value = "target/bench-index")]
+    out: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -208,7 +252,8 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => evaluate(args),
         Command::Calibrate(args) => calibrate(args),
         Command::ConvertWeights(args) => convert_weights(args),
-        Command::Bench(args) => bench::run(&args.models, args.rounds),
+        Command::Bench(args) => bench::run(&args.models, args.rounds, args.photos.as_deref()),
+        Command::BenchIndex(args) => bench_index(args),
         Command::Openapi => {
             print!("{}", http::openapi_document());
             Ok(())
@@ -438,6 +483,26 @@ fn calibrate(args: CalibrateArgs) -> CliResult {
         println!("stored in {}", catalog.path().display());
     }
     Ok(())
+}
+
+/// The index on a synthetic catalog, with the figures hnswlib's peer
+/// script measures.
+fn bench_index(args: BenchIndexArgs) -> CliResult {
+    let options = IndexBenchOptions {
+        shape: CatalogShape {
+            vectors: args.vectors,
+            queries: args.queries.unwrap_or((args.vectors / 20).min(10_000)),
+            dim: args.dim,
+            noise: args.noise,
+            spectrum: args.spectrum,
+            seed: args.seed,
+        },
+        efs: args.ef,
+        threads: args.threads,
+        rounds: args.rounds,
+        out: args.out,
+    };
+    Ok(bench_index::run(&options)?)
 }
 
 /// Converts the published checkpoint and prints the new file's SHA-256.

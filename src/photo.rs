@@ -7,7 +7,6 @@ use std::io::Cursor;
 
 use candle_core::{Device, Tensor};
 use image::codecs::gif::GifDecoder;
-use image::imageops::FilterType;
 use image::{AnimationDecoder, DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
 /// Limits applied before a photo is decoded.
@@ -176,15 +175,103 @@ pub fn to_chw(image: &RgbImage, size: InputSize) -> Vec<f32> {
     // triangle filter then only sees about twice the target size.
     let resized = if image.width() > 4 * w && image.height() > 4 * h {
         let coarse = image::imageops::thumbnail(image, 2 * w, 2 * h);
-        image::imageops::resize(&coarse, w, h, FilterType::Triangle)
+        resize_triangle(&coarse, w, h)
     } else {
-        image::imageops::resize(image, w, h, FilterType::Triangle)
+        resize_triangle(image, w, h)
     };
     let plane = (w * h) as usize;
     let mut out = vec![0f32; 3 * plane];
-    for (i, pixel) in resized.pixels().enumerate() {
+    for (i, pixel) in resized.chunks_exact(3).enumerate() {
         for c in 0..3 {
             out[c * plane + i] = (f32::from(pixel[c]) - 127.0) / 128.0;
+        }
+    }
+    out
+}
+
+/// Taps of a triangle (bilinear) filter resampling `from` values to `to`:
+/// for each output position, input positions and their normalised
+/// weights (non-zero ones only). The filter widens with the shrink factor, so a shrink averages
+/// every input under the output pixel. This is the rule and arithmetic of
+/// `image::imageops::resize` with `FilterType::Triangle`, so the output is
+/// the same; it is reimplemented because that function reads pixel by pixel
+/// and walks columns, and took several milliseconds per photo.
+fn triangle_taps(from: u32, to: u32) -> Vec<Vec<(usize, f32)>> {
+    let ratio = from as f32 / to as f32;
+    let scale = ratio.max(1.0);
+    let support = scale;
+    (0..to)
+        .map(|out| {
+            let centre = (out as f32 + 0.5) * ratio;
+            let left = ((centre - support).floor() as i64).clamp(0, i64::from(from) - 1);
+            let right = ((centre + support).ceil() as i64).clamp(left + 1, i64::from(from));
+            let centre = centre - 0.5;
+            let weights: Vec<f32> = (left..right)
+                .map(|i| (1.0 - ((i as f32 - centre) / scale).abs()).max(0.0))
+                .collect();
+            let sum: f32 = weights.iter().sum();
+            // Zero weights add nothing; leaving them out changes no sum.
+            (left as usize..)
+                .zip(weights)
+                .filter(|&(_, w)| w != 0.0)
+                .map(|(i, w)| (i, w / sum))
+                .collect()
+        })
+        .collect()
+}
+
+/// Rounds a value in [0, 255] to the nearest integer, halves away from
+/// zero (as `f32::round`, which is a library call on the baseline target).
+fn round_u8(v: f32) -> u8 {
+    let v = v.clamp(0.0, 255.0);
+    let whole = v as u8;
+    if v - f32::from(whole) >= 0.5 {
+        whole + 1
+    } else {
+        whole
+    }
+}
+
+/// Resizes to `width × height` with a triangle filter, rows first, then
+/// columns; returns interleaved RGB.
+fn resize_triangle(image: &RgbImage, width: u32, height: u32) -> Vec<u8> {
+    let (from_w, from_h) = image.dimensions();
+    if (from_w, from_h) == (width, height) {
+        return image.as_raw().clone();
+    }
+    let src = image.as_raw();
+    let row = 3 * from_w as usize;
+    // Vertical pass, whole rows at a time: `[height][from_w·3]` floats.
+    let mut tall = vec![0f32; height as usize * row];
+    for (out, taps) in tall
+        .chunks_exact_mut(row)
+        .zip(triangle_taps(from_h, height))
+    {
+        for (y, weight) in taps {
+            let line = &src[y * row..(y + 1) * row];
+            for (o, &v) in out.iter_mut().zip(line) {
+                *o += f32::from(v) * weight;
+            }
+        }
+    }
+    // Horizontal pass, rounding to the nearest 8-bit value.
+    let taps = triangle_taps(from_w, width);
+    let mut out = vec![0u8; (width * height * 3) as usize];
+    for (line, out) in tall
+        .chunks_exact(row)
+        .zip(out.chunks_exact_mut(3 * width as usize))
+    {
+        for (taps, pixel) in taps.iter().zip(out.chunks_exact_mut(3)) {
+            let mut sum = [0f32; 3];
+            for &(x, weight) in taps {
+                let value: &[f32; 3] = line[3 * x..3 * x + 3].try_into().expect("pixel");
+                for c in 0..3 {
+                    sum[c] += value[c] * weight;
+                }
+            }
+            for c in 0..3 {
+                pixel[c] = round_u8(sum[c]);
+            }
         }
     }
     out
@@ -205,4 +292,27 @@ pub fn batch_tensor(
         (inputs.len(), 3, size.height as usize, size.width as usize),
         device,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn triangle_resize_matches_the_image_crate_exactly() {
+        let mut state = 7u32;
+        let image = RgbImage::from_fn(301, 157, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+        });
+        // Shrinking both ways, stretching both ways, and one of each.
+        for (w, h) in [(96, 64), (448, 224), (150, 300), (301, 80)] {
+            let ours = resize_triangle(&image, w, h);
+            let reference =
+                image::imageops::resize(&image, w, h, image::imageops::FilterType::Triangle);
+            assert_eq!(ours, reference.into_raw(), "{w}x{h}");
+        }
+    }
 }

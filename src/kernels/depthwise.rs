@@ -223,7 +223,7 @@ impl DepthwiseKernel {
         out: &mut [f32],
     ) {
         let c = self.channels;
-        if c % STRIP == 0 && (self.kernel == 3 || self.kernel == 5) {
+        if c.is_multiple_of(STRIP) && (self.kernel == 3 || self.kernel == 5) {
             for start in (0..c).step_by(STRIP) {
                 if self.kernel == 3 {
                     self.strip::<3, FMA>(rows, width, left, start, out);

@@ -301,6 +301,8 @@ impl Tile<'_> {
         let six = _mm512_set1_ps(6.0);
         let out = self.out.as_mut_ptr();
         let residual = self.residual.map(|r| r.as_ptr());
+        // Constant indices keep the accumulators in registers.
+        #[allow(clippy::needless_range_loop)]
         for i in 0..MR {
             if i < self.rows {
                 let mut a = acc[i];

@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Spins this many times before yielding while waiting at the barrier.
-const SPINS: u32 = 1 << 14;
+const SPINS: u32 = 1 << 11;
 
 /// What the members of a team share.
 struct Common {
