@@ -12,8 +12,7 @@
 //! - Memory per vector is the growth of the process's resident set
 //!   (`VmRSS`) over the build, divided by the number of vectors: the
 //!   index's own copy of the vectors, its graph and whatever the allocator
-//!   keeps. The peer measures the same way. The bytes of the index's
-//!   arrays, counted, are given beside it.
+//!   keeps. The peer measures the same way.
 //! - Queries per second: all queries searched on the thread pool, the best
 //!   of `rounds` passes.
 //! - Recall@10: the share of the exact 10 nearest neighbours (by brute
