@@ -447,12 +447,18 @@ async fn identify(
 /// Reads the one file of field `image`, counting every byte of the body
 /// against `limit`. Other non-file fields are ignored.
 async fn read_image_field(mut payload: Multipart, limit: usize) -> Result<Vec<u8>, ApiError> {
+    fn malformed(e: actix_multipart::MultipartError) -> ApiError {
+        ApiError::BadRequest(format!(
+            "expected a multipart/form-data body with the photo in a file field named `image` \
+             (curl -F image=@photo.jpg); this body could not be read as one: {e}"
+        ))
+    }
     let mut image: Option<Vec<u8>> = None;
     let mut files = 0;
     let mut total = 0usize;
     while let Some(field) = payload.next().await {
         let mut field =
-            field.map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+            field.map_err(malformed)?;
         let name = field
             .content_disposition()
             .and_then(|d| d.get_name())
@@ -466,8 +472,7 @@ async fn read_image_field(mut payload: Multipart, limit: usize) -> Result<Vec<u8
         }
         let mut data = Vec::new();
         while let Some(chunk) = field.next().await {
-            let chunk = chunk
-                .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?;
+            let chunk = chunk.map_err(malformed)?;
             total += chunk.len();
             if total > limit {
                 return Err(ApiError::TooLarge { limit });
