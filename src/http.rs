@@ -457,8 +457,7 @@ async fn read_image_field(mut payload: Multipart, limit: usize) -> Result<Vec<u8
     let mut files = 0;
     let mut total = 0usize;
     while let Some(field) = payload.next().await {
-        let mut field =
-            field.map_err(malformed)?;
+        let mut field = field.map_err(malformed)?;
         let name = field
             .content_disposition()
             .and_then(|d| d.get_name())
