@@ -14,11 +14,11 @@ use super::{relu6, same_padding, Isa};
 /// Channels per strip in [`DepthwiseKernel::strip`]: one AVX-512 vector.
 const STRIP: usize = 16;
 
-/// `acc += v · w`, lane by lane; `FMA` only where the caller's target has
-/// fused multiply-add.
+/// `acc += v · w`, lane by lane, for `B` lanes; `FMA` only where the
+/// caller's target has fused multiply-add.
 #[inline(always)]
-fn multiply_add<const FMA: bool>(acc: &mut [f32; STRIP], v: &[f32; STRIP], w: &[f32; STRIP]) {
-    for j in 0..STRIP {
+fn multiply_add<const B: usize, const FMA: bool>(acc: &mut [f32; B], v: &[f32; B], w: &[f32; B]) {
+    for j in 0..B {
         acc[j] = if FMA {
             v[j].mul_add(w[j], acc[j])
         } else {
@@ -293,10 +293,10 @@ impl DepthwiseKernel {
                                 .try_into()
                                 .expect("strip")
                         };
-                        multiply_add::<FMA>(&mut a0, at(0), w);
-                        multiply_add::<FMA>(&mut a1, at(1), w);
-                        multiply_add::<FMA>(&mut a2, at(2), w);
-                        multiply_add::<FMA>(&mut a3, at(3), w);
+                        multiply_add::<STRIP, FMA>(&mut a0, at(0), w);
+                        multiply_add::<STRIP, FMA>(&mut a1, at(1), w);
+                        multiply_add::<STRIP, FMA>(&mut a2, at(2), w);
+                        multiply_add::<STRIP, FMA>(&mut a3, at(3), w);
                     }
                 }
                 for (p, acc) in [a0, a1, a2, a3].iter().enumerate() {
@@ -319,7 +319,7 @@ impl DepthwiseKernel {
                 for (kx, w) in weights.iter().enumerate().take(hi).skip(lo) {
                     let x = (col + kx as isize) as usize;
                     let v: &[f32; STRIP] = row[x * c + start..][..STRIP].try_into().expect("strip");
-                    multiply_add::<FMA>(&mut local, v, w);
+                    multiply_add::<STRIP, FMA>(&mut local, v, w);
                 }
                 *sum = local;
             }
@@ -351,13 +351,7 @@ impl DepthwiseKernel {
                 let w: &[f32; B] = self.weight[(ky * k + kx) * c + start..][..B]
                     .try_into()
                     .expect("block");
-                for j in 0..B {
-                    acc[j] = if FMA {
-                        v[j].mul_add(w[j], acc[j])
-                    } else {
-                        acc[j] + v[j] * w[j]
-                    };
-                }
+                multiply_add::<B, FMA>(&mut acc, v, w);
             }
         }
         for (o, a) in out.iter_mut().zip(acc) {
