@@ -414,6 +414,60 @@ impl Block {
     }
 }
 
+impl Backbone {
+    /// Whether the stem runs fused with the first block (when that block
+    /// has no expansion and the stem's map would not stay in cache): the
+    /// stem's rows then only ever live in a ring of `kernel` rows.
+    fn stem_fuses(&self, height: usize, width: usize) -> bool {
+        let (stem_h, stem_w) = self.stem.kernel.output_size(height, width);
+        let bytes = stem_h * stem_w * self.stem.kernel.outputs() * size_of::<f32>();
+        self.blocks.first().is_some_and(|b| b.expand.is_none()) && bytes > FUSE_BYTES
+    }
+
+    /// The stem and the first block's depthwise and projection for one band
+    /// of that block's output rows of one image, on the calling thread, as
+    /// [`Block::fused_band`] does with an expansion.
+    fn stem_band(
+        &self,
+        isa: Isa,
+        input: &[f32],
+        height: usize,
+        width: usize,
+        (image, first_out, _): (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let block = &self.blocks[0];
+        let (depthwise, project) = (&block.depthwise.kernel, &block.project.kernel);
+        let (stem_h, stem_w) = self.stem.kernel.output_size(height, width);
+        let (k, s) = (depthwise.kernel(), depthwise.stride());
+        let (hidden, cout) = (depthwise.channels(), project.outputs());
+        let (_, top) = same_padding(stem_h, k, s);
+        let (out_w, left) = same_padding(stem_w, k, s);
+        let row_len = stem_w * hidden;
+        let mut ring = vec![0f32; k * row_len];
+        let mut filtered = vec![0f32; out_w * hidden];
+        // The next stem row to compute; stem row y lives in slot y % k.
+        let mut next = ((first_out * s) as isize - top as isize).max(0) as usize;
+        for (i, out_row) in out.chunks_mut(out_w * cout).enumerate() {
+            let first = ((first_out + i) * s) as isize - top as isize;
+            let end = ((first + k as isize) as usize).min(stem_h);
+            while next < end {
+                let slot = &mut ring[(next % k) * row_len..(next % k + 1) * row_len];
+                let row = image * stem_h + next;
+                self.stem
+                    .kernel
+                    .run_row(isa, input, height, width, row, slot);
+                next += 1;
+            }
+            let rows = depthwise.input_rows(first, stem_h, |y| {
+                &ring[(y % k) * row_len..(y % k + 1) * row_len]
+            });
+            depthwise.row(isa, &rows, stem_w, left, &mut filtered);
+            project.run_here(isa, &filtered, None, out_row);
+        }
+    }
+}
+
 /// Activation buffers of the CPU forward pass, kept between passes so a
 /// pass neither allocates nor faults in fresh pages.
 #[derive(Debug, Default)]
@@ -440,14 +494,32 @@ fn pointwise_phase(
     let (k, n) = (kernel.inputs(), kernel.outputs());
     let pixels = input.len() / k;
     let chunk = kernel.chunk_rows(isa, pixels, threads);
-    member.share(pixels.div_ceil(chunk), |c| {
+    let chunks = pixels.div_ceil(chunk);
+    // A small map has too few row chunks to keep every thread busy to the
+    // end: split its output channels into groups of panels as well.
+    let groups = (1..=kernel.panels())
+        .find(|g| chunks * g >= 4 * threads && (chunks * g).is_multiple_of(threads))
+        .unwrap_or(1);
+    let per_group = kernel.panels().div_ceil(groups);
+    let groups = kernel.panels().div_ceil(per_group);
+    member.share(chunks * groups, |item| {
+        let (c, g) = (item / groups, item % groups);
         let rows = c * chunk..((c + 1) * chunk).min(pixels);
-        // SAFETY: chunks do not overlap, and `out` is not read in this
-        // phase (the caller passes a buffer other than input's and
-        // residual's).
-        let out = unsafe { out.write(rows.start * n..rows.end * n) };
+        let panels = g * per_group..((g + 1) * per_group).min(kernel.panels());
         let residual = residual.map(|r| &r[rows.start * n..rows.end * n]);
-        kernel.run_here(isa, &input[rows.start * k..rows.end * k], residual, out);
+        // SAFETY: items write disjoint (rows, panels) parts of `out`, which
+        // is not read in this phase (the caller passes a buffer other than
+        // input's and residual's).
+        unsafe {
+            let at = out.write_ptr(rows.start * n, rows.len() * n);
+            kernel.run_panels(
+                isa,
+                &input[rows.start * k..rows.end * k],
+                residual,
+                at,
+                panels,
+            );
+        }
     });
 }
 
@@ -479,6 +551,20 @@ fn sized(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
         buffer.resize(len, 0.0);
     }
     &mut buffer[..len]
+}
+
+/// Most floats of scratch a depthwise layer may take per strip to run plane
+/// by plane ([`DepthwiseKernel::run_plane_strip`]); larger maps go row by
+/// row.
+const PLANE_SCRATCH: usize = 64 * 1024;
+
+/// Whether a depthwise layer runs plane by plane rather than row by row:
+/// measured faster with stride 1 and vector kernels, while the strip's
+/// padded input stays small (`examples/depthwise_rate.rs`).
+fn plane_pays(kernel: &DepthwiseKernel, isa: Isa, height: usize, width: usize) -> bool {
+    kernel.stride() == 1
+        && isa != Isa::Portable
+        && kernel.plane_scratch(height, width) <= PLANE_SCRATCH
 }
 
 /// Milliseconds spent in each kind of layer during one forward pass.
@@ -729,21 +815,44 @@ impl Backbone {
             let second = Shared::new(sized(&mut buffers.wide, largest));
             let filtered = Shared::new(sized(&mut buffers.filtered, largest_filtered));
             let phases = 2 + 3 * self.blocks.len();
+            let stem_fused = self.stem_fuses(height, width);
+            let stem_bands = match self.blocks.first() {
+                Some(first) if stem_fused => first.fused_bands(batch, stem_h, stem_w, threads),
+                _ => Vec::new(),
+            };
             team::run(threads, phases, |member| {
                 let mut laps = Laps::new(timing && member.index() == 0);
+                let mut scratch = Vec::new();
                 let (mut current, mut wide) = (&first, &second);
 
-                let row = stem_w * stem_channels;
-                member.share(batch * stem_h, |r| {
-                    // SAFETY: each output row is written by one item; the
-                    // buffer is not read in this phase.
-                    let out = unsafe { current.write(r * row..(r + 1) * row) };
-                    self.stem.kernel.run_row(isa, input, height, width, r, out);
-                });
+                let (mut h, mut w, mut channels) = (stem_h, stem_w, stem_channels);
+                let mut blocks = self.blocks.iter();
+                if stem_fused {
+                    let first = blocks.next().expect("a first block");
+                    let (out_h, out_w) = first.depthwise.kernel.output_size(h, w);
+                    let outputs = first.project.kernel.outputs();
+                    let row = out_w * outputs;
+                    member.share(stem_bands.len(), |b| {
+                        let (image, first, rows) = stem_bands[b];
+                        let start = (image * out_h + first) * row;
+                        // SAFETY: bands do not overlap; the buffer is not
+                        // read in this phase.
+                        let out = unsafe { current.write(start..start + rows * row) };
+                        self.stem_band(isa, input, height, width, stem_bands[b], out);
+                    });
+                    (h, w, channels) = (out_h, out_w, outputs);
+                } else {
+                    let row = stem_w * stem_channels;
+                    member.share(batch * stem_h, |r| {
+                        // SAFETY: each output row is written by one item; the
+                        // buffer is not read in this phase.
+                        let out = unsafe { current.write(r * row..(r + 1) * row) };
+                        self.stem.kernel.run_row(isa, input, height, width, r, out);
+                    });
+                }
                 laps.lap(|t| &mut t.stem);
 
-                let (mut h, mut w, mut channels) = (stem_h, stem_w, stem_channels);
-                for block in &self.blocks {
+                for block in blocks {
                     let (out_h, out_w) = block.depthwise.kernel.output_size(h, w);
                     let outputs = block.project.kernel.outputs();
                     // SAFETY (all reads below): the buffer read is not
@@ -775,12 +884,51 @@ impl Backbone {
                         };
                         laps.lap(|t| &mut t.expand);
 
-                        let row = out_w * hidden;
-                        member.share(batch * out_h, |r| {
-                            // SAFETY: one item per output row.
-                            let out = unsafe { filtered.write(r * row..(r + 1) * row) };
-                            block.depthwise.kernel.run_row(isa, expanded, h, w, r, out);
-                        });
+                        let kernel = &block.depthwise.kernel;
+                        match kernel.plane_strips() {
+                            Some(strips) if plane_pays(kernel, isa, h, w) => {
+                                let (image_in, image_out) =
+                                    (h * w * hidden, out_h * out_w * hidden);
+                                // Fewer images than threads: split each into
+                                // bands of rows too, so that each thread
+                                // mostly reads rows it expanded itself.
+                                let bands = if batch < threads {
+                                    threads.min(out_h)
+                                } else {
+                                    1
+                                };
+                                member.share(batch * bands * strips, |i| {
+                                    let (image, band, strip) =
+                                        (i / (bands * strips), i / strips % bands, i % strips);
+                                    let rows = band * out_h / bands..(band + 1) * out_h / bands;
+                                    let input = &expanded[image * image_in..][..image_in];
+                                    // SAFETY: one item per image, band and
+                                    // strip of channels; `filtered` is not
+                                    // read in this phase.
+                                    unsafe {
+                                        let out = filtered.write_ptr(image * image_out, image_out);
+                                        kernel.run_plane_strip(
+                                            isa,
+                                            input,
+                                            h,
+                                            w,
+                                            strip,
+                                            rows,
+                                            out,
+                                            &mut scratch,
+                                        );
+                                    }
+                                });
+                            }
+                            _ => {
+                                let row = out_w * hidden;
+                                member.share(batch * out_h, |r| {
+                                    // SAFETY: one item per output row.
+                                    let out = unsafe { filtered.write(r * row..(r + 1) * row) };
+                                    kernel.run_row(isa, expanded, h, w, r, out);
+                                });
+                            }
+                        }
                         laps.lap(|t| &mut t.depthwise);
 
                         let pixels = batch * out_h * out_w;

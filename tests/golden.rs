@@ -140,3 +140,43 @@ fn damaged_weight_file_is_refused_by_checksum() {
     let err = Backbone::load(&damaged, &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("SHA-256"), "{err}");
 }
+
+#[test]
+fn channel_last_kernels_match_candle_for_any_team_size_and_batch() {
+    // The CPU path splits layers by rows, bands, channel strips and output
+    // panels depending on the batch and the number of threads; candle's
+    // operations are the reference for each combination.
+    let model = backbone();
+    let g = golden("wide_224x448");
+    let pattern = golden("pattern_224x224");
+    let (mirrored, upside_down) = (g.input.flip(&[3]).unwrap(), g.input.flip(&[2]).unwrap());
+    let x = Tensor::cat(&[&g.input, &mirrored, &upside_down], 0).unwrap();
+    let square = pattern.input.clone();
+    for (input, what) in [(&x, "3 wide images"), (&square, "1 square image")] {
+        let reference: Vec<f32> = model
+            .features_candle(input)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let ours: Vec<f32> = pool
+                .install(|| model.features(input))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let worst = max_abs_diff(&ours, &reference);
+            assert!(
+                worst < TOLERANCE,
+                "{what}, {threads} threads: off by {worst}"
+            );
+        }
+    }
+}

@@ -46,6 +46,19 @@ struct Window {
     kx: (usize, usize),
 }
 
+/// One strip of one image in [`DepthwiseKernel::run_plane_strip`].
+struct Plane<'a> {
+    /// `[padded_h][padded_w][STRIP]`, zeros in the padding.
+    padded: &'a [f32],
+    padded_w: usize,
+    out: *mut f32,
+    out_w: usize,
+    out_h: usize,
+    channels: usize,
+    /// The strip's first channel.
+    start: usize,
+}
+
 /// Taps `lo..hi` of a kernel starting at `first` that land in `0..size`.
 fn inside(first: isize, kernel: usize, size: usize) -> (usize, usize) {
     let lo = (-first).clamp(0, kernel as isize) as usize;
@@ -331,6 +344,348 @@ impl DepthwiseKernel {
         }
     }
 
+    /// Whether [`DepthwiseKernel::run_plane_strip`] takes this layer: 3×3
+    /// or 5×5, stride 1 or 2, channels a multiple of the strip width.
+    pub fn plane_strips(&self) -> Option<usize> {
+        let shape = matches!(self.kernel, 3 | 5) && matches!(self.stride, 1 | 2);
+        (shape && self.channels.is_multiple_of(STRIP)).then_some(self.channels / STRIP)
+    }
+
+    /// Floats of scratch one strip of an `height × width` image takes in
+    /// [`DepthwiseKernel::run_plane_strip`]: the strip's input with its
+    /// padding written out as zeros.
+    pub fn plane_scratch(&self, height: usize, width: usize) -> usize {
+        let (out_h, out_w) = self.output_size(height, width);
+        ((out_h - 1) * self.stride + self.kernel)
+            * ((out_w - 1) * self.stride + self.kernel)
+            * STRIP
+    }
+
+    /// Channels `strip·16..strip·16 + 16` of output rows `rows` of one
+    /// image: the strip's input under those rows is first copied, padding
+    /// included, into `scratch`, so every output pixel then takes the same
+    /// branch-free path over contiguous memory. Small late maps are mostly
+    /// border; this is their fast path.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of the image's whole output
+    /// (`out_h·out_w·channels` floats), and no one else may touch this
+    /// strip's channels of it meanwhile. `plane_strips` must be `Some`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_plane_strip(
+        &self,
+        isa: Isa,
+        image: &[f32],
+        height: usize,
+        width: usize,
+        strip: usize,
+        rows: std::ops::Range<usize>,
+        out: *mut f32,
+        scratch: &mut Vec<f32>,
+    ) {
+        let c = self.channels;
+        assert!(
+            self.plane_strips().is_some_and(|n| strip < n),
+            "depthwise strip"
+        );
+        assert_eq!(image.len(), height * width * c, "depthwise image");
+        let (out_h, top) = same_padding(height, self.kernel, self.stride);
+        let (out_w, left) = same_padding(width, self.kernel, self.stride);
+        assert!(rows.start < rows.end && rows.end <= out_h, "depthwise rows");
+        // Padded row `p` of the scratch is input row `first + p`.
+        let first = (rows.start * self.stride) as isize - top as isize;
+        let padded_h = (rows.len() - 1) * self.stride + self.kernel;
+        let padded_w = (out_w - 1) * self.stride + self.kernel;
+        scratch.clear();
+        scratch.resize(padded_h * padded_w * STRIP, 0.0);
+        let start = strip * STRIP;
+        let from = first.max(0) as usize;
+        let to = ((first + padded_h as isize).max(0) as usize).min(height);
+        for y in from..to {
+            let line = &image[y * width * c..(y + 1) * width * c];
+            let at = (y as isize - first) as usize;
+            let padded = &mut scratch[(at * padded_w + left) * STRIP..];
+            for x in 0..width.min(padded_w - left) {
+                padded[x * STRIP..(x + 1) * STRIP]
+                    .copy_from_slice(&line[x * c + start..x * c + start + STRIP]);
+            }
+        }
+        let plane = Plane {
+            padded: scratch,
+            padded_w,
+            // SAFETY: row `rows.start` is inside the image's output.
+            out: unsafe { out.add(rows.start * out_w * c) },
+            out_w,
+            out_h: rows.len(),
+            channels: c,
+            start,
+        };
+        match isa {
+            // SAFETY: `Isa::Avx512` is only chosen when the CPU has it.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.plane_avx512(&plane) },
+            // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.plane_avx2(&plane) },
+            // SAFETY: the caller's promise about `out`.
+            _ => unsafe { self.plane_body::<false>(&plane) },
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F; `plane.out` as in `run_plane_strip`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn plane_avx512(&self, plane: &Plane) {
+        // SAFETY (all four): this function's own requirements.
+        unsafe {
+            match (self.kernel, self.stride) {
+                (3, 1) => self.plane_rows_avx512::<3, 1>(plane),
+                (3, 2) => self.plane_rows_avx512::<3, 2>(plane),
+                (5, 1) => self.plane_rows_avx512::<5, 1>(plane),
+                _ => self.plane_rows_avx512::<5, 2>(plane),
+            }
+        }
+    }
+
+    /// [`DepthwiseKernel::plane_rows`] in AVX-512 registers: one vector per
+    /// strip pixel, the strip's weights loaded once per call.
+    ///
+    /// # Safety
+    /// As `plane_avx512`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn plane_rows_avx512<const K: usize, const S: usize>(&self, plane: &Plane) {
+        use std::arch::x86_64::*;
+        let c = self.channels;
+        // SAFETY: every load below is inside `self.weight`, `self.bias` or
+        // `plane.padded` (asserted per row); stores as the caller promised.
+        unsafe {
+            let mut weights = [[[0f32; STRIP]; K]; K];
+            for (ky, row) in weights.iter_mut().enumerate() {
+                for (kx, w) in row.iter_mut().enumerate() {
+                    w.copy_from_slice(&self.weight[(ky * K + kx) * c + plane.start..][..STRIP]);
+                }
+            }
+            let bias = _mm512_loadu_ps(self.bias[plane.start..][..STRIP].as_ptr());
+            let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+            let rows = plane.padded.len() / (plane.padded_w * STRIP);
+            for oy in 0..plane.out_h {
+                assert!(oy * S + K <= rows, "depthwise plane rows");
+                let base = plane.padded.as_ptr().add(oy * S * plane.padded_w * STRIP);
+                let out = plane.out.add(oy * plane.out_w * c + plane.start);
+                let mut ox = 0;
+                macro_rules! pixels {
+                    ($n:literal) => {{
+                        let mut acc = [bias; $n];
+                        for ky in 0..K {
+                            let row = base.add((ky * plane.padded_w + ox * S) * STRIP);
+                            for kx in 0..K {
+                                let w = _mm512_loadu_ps(weights[ky][kx].as_ptr());
+                                for p in 0..$n {
+                                    let v = _mm512_loadu_ps(row.add((p * S + kx) * STRIP));
+                                    acc[p] = _mm512_fmadd_ps(v, w, acc[p]);
+                                }
+                            }
+                        }
+                        for p in 0..$n {
+                            let v = _mm512_min_ps(_mm512_max_ps(acc[p], zero), six);
+                            _mm512_storeu_ps(out.add((ox + p) * c), v);
+                        }
+                    }};
+                }
+                while ox + 8 <= plane.out_w {
+                    pixels!(8);
+                    ox += 8;
+                }
+                if ox + 4 <= plane.out_w {
+                    pixels!(4);
+                    ox += 4;
+                }
+                if ox + 2 <= plane.out_w {
+                    pixels!(2);
+                    ox += 2;
+                }
+                if ox < plane.out_w {
+                    pixels!(1);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `plane.out` as in `run_plane_strip`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn plane_avx2(&self, plane: &Plane) {
+        // SAFETY (all four): this function's own requirements.
+        unsafe {
+            match (self.kernel, self.stride) {
+                (3, 1) => self.plane_rows_avx2::<3, 1>(plane),
+                (3, 2) => self.plane_rows_avx2::<3, 2>(plane),
+                (5, 1) => self.plane_rows_avx2::<5, 1>(plane),
+                _ => self.plane_rows_avx2::<5, 2>(plane),
+            }
+        }
+    }
+
+    /// [`DepthwiseKernel::plane_rows`] in AVX2 registers: two 8-lane
+    /// vectors per strip pixel, four pixels at a time (AVX2 has sixteen
+    /// vector registers).
+    ///
+    /// # Safety
+    /// As `plane_avx2`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn plane_rows_avx2<const K: usize, const S: usize>(&self, plane: &Plane) {
+        use std::arch::x86_64::*;
+        let c = self.channels;
+        // SAFETY: as in `plane_rows_avx512`.
+        unsafe {
+            let mut weights = [[[0f32; STRIP]; K]; K];
+            for (ky, row) in weights.iter_mut().enumerate() {
+                for (kx, w) in row.iter_mut().enumerate() {
+                    w.copy_from_slice(&self.weight[(ky * K + kx) * c + plane.start..][..STRIP]);
+                }
+            }
+            let bias = self.bias[plane.start..][..STRIP].as_ptr();
+            let (bias0, bias1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
+            let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
+            let rows = plane.padded.len() / (plane.padded_w * STRIP);
+            for oy in 0..plane.out_h {
+                assert!(oy * S + K <= rows, "depthwise plane rows");
+                let base = plane.padded.as_ptr().add(oy * S * plane.padded_w * STRIP);
+                let out = plane.out.add(oy * plane.out_w * c + plane.start);
+                let mut ox = 0;
+                macro_rules! pixels {
+                    ($n:literal) => {{
+                        let (mut acc0, mut acc1) = ([bias0; $n], [bias1; $n]);
+                        for ky in 0..K {
+                            let row = base.add((ky * plane.padded_w + ox * S) * STRIP);
+                            for kx in 0..K {
+                                let w = weights[ky][kx].as_ptr();
+                                let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
+                                for p in 0..$n {
+                                    let v = row.add((p * S + kx) * STRIP);
+                                    acc0[p] = _mm256_fmadd_ps(_mm256_loadu_ps(v), w0, acc0[p]);
+                                    acc1[p] =
+                                        _mm256_fmadd_ps(_mm256_loadu_ps(v.add(8)), w1, acc1[p]);
+                                }
+                            }
+                        }
+                        for p in 0..$n {
+                            let at = out.add((ox + p) * c);
+                            let v0 = _mm256_min_ps(_mm256_max_ps(acc0[p], zero), six);
+                            let v1 = _mm256_min_ps(_mm256_max_ps(acc1[p], zero), six);
+                            _mm256_storeu_ps(at, v0);
+                            _mm256_storeu_ps(at.add(8), v1);
+                        }
+                    }};
+                }
+                while ox + 4 <= plane.out_w {
+                    pixels!(4);
+                    ox += 4;
+                }
+                if ox + 2 <= plane.out_w {
+                    pixels!(2);
+                    ox += 2;
+                }
+                if ox < plane.out_w {
+                    pixels!(1);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// `plane.out` as in `run_plane_strip`.
+    #[inline(always)]
+    unsafe fn plane_body<const FMA: bool>(&self, plane: &Plane) {
+        // SAFETY (all four): passed on from the caller.
+        unsafe {
+            match (self.kernel, self.stride) {
+                (3, 1) => self.plane_rows::<3, 1, FMA>(plane),
+                (3, 2) => self.plane_rows::<3, 2, FMA>(plane),
+                (5, 1) => self.plane_rows::<5, 1, FMA>(plane),
+                _ => self.plane_rows::<5, 2, FMA>(plane),
+            }
+        }
+    }
+
+    /// # Safety
+    /// `plane.out` as in `run_plane_strip`.
+    #[inline(always)]
+    unsafe fn plane_rows<const K: usize, const S: usize, const FMA: bool>(&self, plane: &Plane) {
+        let c = self.channels;
+        let mut weights = [[[0f32; STRIP]; K]; K];
+        for (ky, row) in weights.iter_mut().enumerate() {
+            for (kx, w) in row.iter_mut().enumerate() {
+                w.copy_from_slice(&self.weight[(ky * K + kx) * c + plane.start..][..STRIP]);
+            }
+        }
+        let bias: [f32; STRIP] = self.bias[plane.start..plane.start + STRIP]
+            .try_into()
+            .expect("strip");
+        for oy in 0..plane.out_h {
+            let mut ox = 0;
+            // SAFETY (all four): passed on from the caller.
+            unsafe {
+                while ox + 8 <= plane.out_w {
+                    self.plane_pixels::<K, S, 8, FMA>(plane, &weights, bias, oy, ox);
+                    ox += 8;
+                }
+                if ox + 4 <= plane.out_w {
+                    self.plane_pixels::<K, S, 4, FMA>(plane, &weights, bias, oy, ox);
+                    ox += 4;
+                }
+                if ox + 2 <= plane.out_w {
+                    self.plane_pixels::<K, S, 2, FMA>(plane, &weights, bias, oy, ox);
+                    ox += 2;
+                }
+                if ox < plane.out_w {
+                    self.plane_pixels::<K, S, 1, FMA>(plane, &weights, bias, oy, ox);
+                }
+            }
+        }
+    }
+
+    /// `N` neighbouring output pixels `(oy, ox..ox + N)` of a strip, `N`
+    /// independent sums so the multiply-adds do not wait on each other.
+    ///
+    /// # Safety
+    /// `plane.out` as in `run_plane_strip`; `ox + N <= out_w`, `oy < out_h`.
+    #[inline(always)]
+    unsafe fn plane_pixels<const K: usize, const S: usize, const N: usize, const FMA: bool>(
+        &self,
+        plane: &Plane,
+        weights: &[[[f32; STRIP]; K]; K],
+        bias: [f32; STRIP],
+        oy: usize,
+        ox: usize,
+    ) {
+        let span = ((N - 1) * S + K) * STRIP;
+        let mut acc = [bias; N];
+        for (ky, weights) in weights.iter().enumerate() {
+            let at = ((oy * S + ky) * plane.padded_w + ox * S) * STRIP;
+            let row = &plane.padded[at..at + span];
+            for (kx, w) in weights.iter().enumerate() {
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let v: &[f32; STRIP] = row[(p * S + kx) * STRIP..][..STRIP]
+                        .try_into()
+                        .expect("strip");
+                    multiply_add::<STRIP, FMA>(acc, v, w);
+                }
+            }
+        }
+        for (p, acc) in acc.iter().enumerate() {
+            let at = ((oy * plane.out_w + ox + p) * plane.channels + plane.start) as isize;
+            for (j, &a) in acc.iter().enumerate() {
+                // SAFETY: inside the image's output, in this strip's channels.
+                unsafe { *plane.out.offset(at + j as isize) = relu6(a) };
+            }
+        }
+    }
+
     /// Channels `start..start + B` of one output pixel.
     #[inline(always)]
     fn block<const B: usize, const FMA: bool>(
@@ -366,7 +721,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     #[test]
-    fn every_variant_matches_candle_grouped_convolution_on_odd_sizes() {
+    fn every_variant_and_path_matches_candle_grouped_convolution_on_odd_sizes() {
         let device = Device::Cpu;
         for &(h, w) in &[(9, 13), (10, 7), (4, 4), (1, 6), (2, 1)] {
             for &(k, s) in &[(3, 1), (3, 2), (5, 1), (5, 2)] {
@@ -424,6 +779,44 @@ mod tests {
                         assert!(
                             worst < 1e-5,
                             "{isa:?} {channels}ch {h}x{w} k{k} s{s}: off by {worst}"
+                        );
+                        let Some(strips) = kernel.plane_strips() else {
+                            assert_ne!(channels % STRIP, 0);
+                            continue;
+                        };
+                        // Plane by plane, each image in two bands of rows
+                        // (one when it has a single row).
+                        let mut out = vec![f32::NAN; 2 * oh * ow * channels];
+                        let mut scratch = Vec::new();
+                        let image_in = h * w * channels;
+                        for (image, out) in out.chunks_exact_mut(oh * ow * channels).enumerate() {
+                            let middle = oh / 2;
+                            for rows in [0..middle, middle..oh] {
+                                for strip in (0..strips).filter(|_| !rows.is_empty()) {
+                                    // SAFETY: `out` is this image's output.
+                                    unsafe {
+                                        kernel.run_plane_strip(
+                                            isa,
+                                            &input[image * image_in..][..image_in],
+                                            h,
+                                            w,
+                                            strip,
+                                            rows.clone(),
+                                            out.as_mut_ptr(),
+                                            &mut scratch,
+                                        )
+                                    };
+                                }
+                            }
+                        }
+                        let worst = out
+                            .iter()
+                            .zip(&reference)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(
+                            worst < 1e-5,
+                            "{isa:?} {channels}ch {h}x{w} k{k} s{s} by planes: off by {worst}"
                         );
                     }
                 }

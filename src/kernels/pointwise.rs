@@ -52,8 +52,12 @@ struct Tile<'a> {
     bias: &'a [f32],
     /// The residual at the tile's first output, rows `stride` apart.
     residual: Option<&'a [f32]>,
-    /// The tile's first output; rows are `stride` apart.
-    out: &'a mut [f32],
+    /// The tile's first output; rows are `stride` apart. Other tiles of the
+    /// same rows may be written by other threads at the same time, so this
+    /// is a pointer, not a slice over the rows.
+    out: *mut f32,
+    /// Values `out` may be written at.
+    out_len: usize,
     stride: usize,
     rows: usize,
     cols: usize,
@@ -153,9 +157,42 @@ impl PointwiseKernel {
         residual: Option<&[f32]>,
         out: &mut [f32],
     ) {
+        assert_eq!(out.len(), rows * self.outputs, "pointwise output size");
+        // SAFETY: `out` is exclusively borrowed and holds every output.
+        unsafe { self.run_panels(isa, input, residual, out.as_mut_ptr(), 0..self.panels()) }
+    }
+
+    /// Output panels: groups of 32 output channels (the last may be
+    /// partial), the unit [`PointwiseKernel::run_panels`] splits work by.
+    pub fn panels(&self) -> usize {
+        self.outputs.div_ceil(PANEL)
+    }
+
+    /// Output channels of `panels` only, for all pixels of `input`
+    /// (`[pixels][inputs]`) into `out` (`[pixels][outputs]`), adding the
+    /// same part of `residual` when given. Lets threads share a layer with
+    /// too few pixels to split by rows alone.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `pixels·outputs` values, and
+    /// nobody else may touch these panels' channels of it meanwhile.
+    pub unsafe fn run_panels(
+        &self,
+        isa: Isa,
+        input: &[f32],
+        residual: Option<&[f32]>,
+        out: *mut f32,
+        panels: std::ops::Range<usize>,
+    ) {
         let (k, n) = (self.inputs, self.outputs);
+        let rows = input.len() / k;
+        assert_eq!(input.len(), rows * k, "pointwise input size");
+        assert!(panels.end <= self.panels(), "pointwise panels");
+        if let Some(residual) = residual {
+            assert_eq!(residual.len(), rows * n, "pointwise residual size");
+        }
         let mr = tile_rows(isa);
-        for panel in 0..n.div_ceil(PANEL) {
+        for panel in panels {
             let col = panel * PANEL;
             let weights = &self.packed[panel * k * PANEL..(panel + 1) * k * PANEL];
             let bias = &self.bias[col..col + PANEL];
@@ -166,7 +203,9 @@ impl PointwiseKernel {
                     weights,
                     bias,
                     residual: residual.map(|r| &r[first * n + col..]),
-                    out: &mut out[first * n + col..],
+                    // SAFETY: inside the caller's `rows·n` values.
+                    out: unsafe { out.add(first * n + col) },
+                    out_len: (rows - first) * n - col,
                     stride: n,
                     rows: (rows - first).min(mr),
                     cols: (n - col).min(PANEL),
@@ -181,7 +220,7 @@ impl PointwiseKernel {
 impl Tile<'_> {
     fn run(&mut self, isa: Isa) {
         let reach = (self.rows - 1) * self.stride + self.cols;
-        assert!(self.out.len() >= reach, "pointwise tile output");
+        assert!(self.out_len >= reach, "pointwise tile output");
         if let Some(residual) = self.residual {
             assert!(residual.len() >= reach, "pointwise tile residual");
         }
@@ -221,7 +260,8 @@ impl Tile<'_> {
             for (j, &a) in row.iter().enumerate().take(self.cols) {
                 let at = i * self.stride + j;
                 let v = a + self.residual.map_or(0.0, |r| r[at]);
-                self.out[at] = if self.relu6 { relu6(v) } else { v };
+                // SAFETY: `at < reach <= out_len`, checked in `run`.
+                unsafe { *self.out.add(at) = if self.relu6 { relu6(v) } else { v } };
             }
         }
     }
@@ -255,7 +295,7 @@ impl Tile<'_> {
         let mask1 = lanes(self.cols.saturating_sub(16));
         let zero = _mm512_setzero_ps();
         let six = _mm512_set1_ps(6.0);
-        let out = self.out.as_mut_ptr();
+        let out = self.out;
         let residual = self.residual.map(|r| r.as_ptr());
         // Constant indices keep the accumulators in registers.
         for i in 0..MR {
@@ -299,7 +339,7 @@ impl Tile<'_> {
         let mask = ((1u32 << self.cols) - 1) as __mmask16;
         let zero = _mm512_setzero_ps();
         let six = _mm512_set1_ps(6.0);
-        let out = self.out.as_mut_ptr();
+        let out = self.out;
         let residual = self.residual.map(|r| r.as_ptr());
         // Constant indices keep the accumulators in registers.
         #[allow(clippy::needless_range_loop)]
@@ -334,7 +374,7 @@ impl Tile<'_> {
         // Rows past the last pixel repeat it; their sums are not stored.
         let x: [*const f32; MR] =
             std::array::from_fn(|i| self.pixels.as_ptr().add(i.min(self.rows - 1) * self.inputs));
-        let out = self.out.as_mut_ptr();
+        let out = self.out;
         let residual = self.residual.map(|r| r.as_ptr());
         for half in [0, 16] {
             if half >= self.cols {
@@ -459,6 +499,21 @@ mod tests {
                             "{isa:?} {rows}x{k}x{n} relu {relu} residual {}: off by {worst}",
                             res.is_some()
                         );
+                        // Panel by panel, in any order, the same values.
+                        let mut by_panels = vec![f32::NAN; rows * n];
+                        for panel in (0..kernel.panels()).rev() {
+                            // SAFETY: `by_panels` holds every output.
+                            unsafe {
+                                kernel.run_panels(
+                                    isa,
+                                    &input,
+                                    res,
+                                    by_panels.as_mut_ptr(),
+                                    panel..panel + 1,
+                                )
+                            };
+                        }
+                        assert_eq!(by_panels, out, "{isa:?} {rows}x{k}x{n} by panels");
                     }
                 }
                 // ReLU6 really clamps: the inputs are large enough to reach both ends.

@@ -18,6 +18,11 @@ pub struct StemKernel {
     stride: usize,
 }
 
+thread_local! {
+    /// Gathered patches of the output row being computed, reused.
+    static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Input channels of a photo.
 const COLOURS: usize = 3;
 
@@ -85,7 +90,28 @@ impl StemKernel {
         let image = &input[image * COLOURS * plane..(image + 1) * COLOURS * plane];
         let first_row = (oy * self.stride) as isize - top as isize;
         let taps = COLOURS * k * k;
-        let mut patches = vec![0f32; out_w * taps];
+        PATCHES.with_borrow_mut(|patches| {
+            patches.clear();
+            patches.resize(out_w * taps, 0.0);
+            self.gather(image, height, width, first_row, left, patches);
+            self.product.run_here(isa, patches, None, out);
+        });
+    }
+
+    /// The `3·k·k` inputs under each pixel of one output row whose first
+    /// tap is input row `first_row`, into `patches` (zeros, `[out_w][3·k·k]`).
+    fn gather(
+        &self,
+        image: &[f32],
+        height: usize,
+        width: usize,
+        first_row: isize,
+        left: usize,
+        patches: &mut [f32],
+    ) {
+        let k = self.kernel;
+        let plane = height * width;
+        let taps = COLOURS * k * k;
         for colour in 0..COLOURS {
             for ky in 0..k {
                 let y = first_row + ky as isize;
@@ -96,6 +122,13 @@ impl StemKernel {
                 let tap = (colour * k + ky) * k;
                 for (ox, patch) in patches.chunks_exact_mut(taps).enumerate() {
                     let first_col = (ox * self.stride) as isize - left as isize;
+                    if k == 3 && first_col >= 0 && first_col as usize + 3 <= width {
+                        // Three loads and stores, not a call to `memcpy`.
+                        let x = first_col as usize;
+                        let (from, to) = (&line[x..x + 3], &mut patch[tap..tap + 3]);
+                        (to[0], to[1], to[2]) = (from[0], from[1], from[2]);
+                        continue;
+                    }
                     for kx in 0..k {
                         let x = first_col + kx as isize;
                         if x >= 0 && (x as usize) < width {
@@ -105,7 +138,6 @@ impl StemKernel {
                 }
             }
         }
-        self.product.run_here(isa, &patches, None, out);
     }
 }
 

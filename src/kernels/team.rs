@@ -23,7 +23,8 @@ struct Common {
     threads: usize,
     arrived: AtomicUsize,
     generation: AtomicUsize,
-    /// One work counter per phase.
+    /// Per phase, one counter per member: how far into that member's
+    /// share of the items the team has got.
     counters: Vec<AtomicUsize>,
     /// Set when a member panics, so the others stop waiting for it.
     failed: AtomicBool,
@@ -48,7 +49,7 @@ where
         threads,
         arrived: AtomicUsize::new(0),
         generation: AtomicUsize::new(0),
-        counters: (0..phases).map(|_| AtomicUsize::new(0)).collect(),
+        counters: (0..phases * threads).map(|_| AtomicUsize::new(0)).collect(),
         failed: AtomicBool::new(false),
     };
     let member = |index: usize| {
@@ -91,18 +92,30 @@ impl Member<'_> {
         self.index
     }
 
-    /// Runs `work(i)` for each `i` in `0..count`, each exactly once by
-    /// whichever member claims it, then waits until every member is done.
-    /// Every member must call `share` the same number of times.
+    /// Runs `work(i)` for each `i` in `0..count`, each exactly once, then
+    /// waits until every member is done. Every member must call `share`
+    /// the same number of times.
+    ///
+    /// Member `m` of `n` starts on items `m·count/n..(m+1)·count/n` in
+    /// order, so when consecutive layers number their items the same way
+    /// (by rows of the map) each thread reads mostly what it wrote itself,
+    /// from its own cache. A member that finishes early takes the items
+    /// others have not reached, so a member slowed down by another process
+    /// does not hold up the team.
     pub fn share(&mut self, count: usize, mut work: impl FnMut(usize)) {
-        let counter = &self.common.counters[self.phase];
+        let threads = self.common.threads;
+        let counters = &self.common.counters[self.phase * threads..(self.phase + 1) * threads];
         self.phase += 1;
-        loop {
-            let item = counter.fetch_add(1, Ordering::Relaxed);
-            if item >= count {
-                break;
+        for k in 0..threads {
+            let owner = (self.index + k) % threads;
+            let (first, end) = (owner * count / threads, (owner + 1) * count / threads);
+            loop {
+                let item = first + counters[owner].fetch_add(1, Ordering::Relaxed);
+                if item >= end {
+                    break;
+                }
+                work(item);
             }
-            work(item);
         }
         self.wait();
     }
@@ -179,6 +192,16 @@ impl<'a> Shared<'a> {
         );
         std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.end - range.start)
     }
+
+    /// A pointer to value `start`, valid for `len` values, for work items
+    /// that write interleaved (not contiguous) parts of a range.
+    ///
+    /// # Safety
+    /// As [`Shared::write`], for each value written through the pointer.
+    pub unsafe fn write_ptr(&self, start: usize, len: usize) -> *mut f32 {
+        assert!(start <= self.len && len <= self.len - start, "shared write");
+        self.ptr.add(start)
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +231,41 @@ mod tests {
             assert_eq!(values[999], 1998.0);
             assert_eq!(values[0], 1998.0, "{threads} threads");
         }
+    }
+
+    #[test]
+    fn members_start_on_their_own_share_and_take_over_a_stalled_one() {
+        use std::sync::atomic::AtomicUsize;
+        const ITEMS: usize = 1000;
+        const NOBODY: usize = usize::MAX;
+        let ran_by: Vec<AtomicUsize> = (0..ITEMS).map(|_| AtomicUsize::new(NOBODY)).collect();
+        let runs: Vec<AtomicUsize> = (0..ITEMS).map(|_| AtomicUsize::new(0)).collect();
+        run(2, 1, |member| {
+            let me = member.index();
+            member.share(ITEMS, |i| {
+                runs[i].fetch_add(1, Ordering::Relaxed);
+                ran_by[i].store(me, Ordering::Relaxed);
+                if i == 0 {
+                    // Member 0 stalls on its first item until member 1,
+                    // done with its own half, has taken the rest of member
+                    // 0's (or ten seconds pass, and the asserts fail).
+                    let start = std::time::Instant::now();
+                    while ran_by[ITEMS / 2 - 1].load(Ordering::Relaxed) == NOBODY
+                        && start.elapsed().as_secs() < 10
+                    {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        });
+        assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1));
+        let owner = |i: usize| ran_by[i].load(Ordering::Relaxed);
+        // Member 1 started on the second half; member 0 took item 0 first.
+        assert_eq!(owner(0), 0);
+        assert_eq!(owner(ITEMS / 2), 1);
+        // Member 1 took over member 0's share while it stalled.
+        assert_eq!(owner(ITEMS / 2 - 1), 1);
+        assert_eq!(owner(1), 1);
     }
 
     #[test]
