@@ -430,7 +430,7 @@ impl Backbone {
     fn stem_band(
         &self,
         isa: Isa,
-        input: &[f32],
+        images: &[&[f32]],
         height: usize,
         width: usize,
         (image, first_out, _): (usize, usize, usize),
@@ -453,10 +453,8 @@ impl Backbone {
             let end = ((first + k as isize) as usize).min(stem_h);
             while next < end {
                 let slot = &mut ring[(next % k) * row_len..(next % k + 1) * row_len];
-                let row = image * stem_h + next;
-                self.stem
-                    .kernel
-                    .run_row(isa, input, height, width, row, slot);
+                let stem = &self.stem.kernel;
+                stem.run_row(isa, images[image], height, width, next, slot);
                 next += 1;
             }
             let rows = depthwise.input_rows(first, stem_h, |y| {
@@ -539,7 +537,26 @@ impl Laps {
 
     fn lap(&mut self, field: fn(&mut LayerTimes) -> &mut f64) {
         if let Some(times) = &mut self.times {
-            *field(times) += ms(self.clock);
+            let t = ms(self.clock);
+            *field(times) += t;
+            if std::env::var_os("FLUKEID_PHASES").is_some() {
+                let mut d = LayerTimes::default();
+                *field(&mut d) = 1.0;
+                let l = if d.stem > 0.0 {
+                    "S"
+                } else if d.expand > 0.0 {
+                    "E"
+                } else if d.depthwise > 0.0 {
+                    "D"
+                } else if d.project > 0.0 {
+                    "P"
+                } else if d.fused > 0.0 {
+                    "F"
+                } else {
+                    "H"
+                };
+                eprint!("{l}{t:.3} ");
+            }
             self.clock = Instant::now();
         }
     }
@@ -763,15 +780,12 @@ impl Backbone {
         Ok(times)
     }
 
-    /// The CPU forward pass: channel-last kernels run by a [`team`] of
-    /// threads, one phase per layer (one per block where it runs fused).
+    /// [`Backbone::features`] on the CPU, from a tensor.
     fn features_cpu(
         &self,
         x: &Tensor,
         times: Option<&mut LayerTimes>,
     ) -> Result<Tensor, BackboneError> {
-        let isa = self.isa;
-        let threads = rayon::current_num_threads();
         let (batch, _, height, width) = x.dims4()?;
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
@@ -784,6 +798,56 @@ impl Backbone {
                 return Err(candle_core::Error::Msg(reason).into());
             }
         };
+        let images: Vec<&[f32]> = input.chunks_exact(3 * height * width).collect();
+        debug_assert_eq!(images.len(), batch);
+        let features =
+            self.run_cpu(&images, height, width, times, |map, (h, w, channels)| {
+                Tensor::from_slice(map, (batch, h, w, channels), &Device::Cpu)?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()
+            })??;
+        Ok(features)
+    }
+
+    /// The last feature map of each image (each `[3][height][width]`,
+    /// scaled as for [`Backbone::features`]) on the CPU, channel-last:
+    /// `finish` gets `[batch][h][w][1280]` values and `(h, w, 1280)`, with
+    /// no tensor made, and its result is returned. For callers that pool
+    /// the map at once.
+    pub fn features_channel_last<R>(
+        &self,
+        images: &[&[f32]],
+        height: usize,
+        width: usize,
+        finish: impl FnOnce(&[f32], (usize, usize, usize)) -> R,
+    ) -> Result<R, BackboneError> {
+        if height % 32 != 0 || width % 32 != 0 || height == 0 || width == 0 {
+            return Err(BackboneError::InputSize { height, width });
+        }
+        if let Some(image) = images.iter().find(|i| i.len() != 3 * height * width) {
+            let reason = format!(
+                "an image of {} values where {height}x{width} RGB takes {}",
+                image.len(),
+                3 * height * width
+            );
+            return Err(candle_core::Error::Msg(reason).into());
+        }
+        self.run_cpu(images, height, width, None, finish)
+    }
+
+    /// The CPU forward pass: channel-last kernels run by a [`team`] of
+    /// threads, one phase per layer (one per block where it runs fused).
+    fn run_cpu<R>(
+        &self,
+        images: &[&[f32]],
+        height: usize,
+        width: usize,
+        times: Option<&mut LayerTimes>,
+        finish: impl FnOnce(&[f32], (usize, usize, usize)) -> R,
+    ) -> Result<R, BackboneError> {
+        let isa = self.isa;
+        let threads = rayon::current_num_threads();
+        let batch = images.len();
 
         // Sizes: `current` and `wide` take turns holding block inputs and
         // outputs (and unfused expansions); `filtered` takes depthwise
@@ -838,7 +902,7 @@ impl Backbone {
                         // SAFETY: bands do not overlap; the buffer is not
                         // read in this phase.
                         let out = unsafe { current.write(start..start + rows * row) };
-                        self.stem_band(isa, input, height, width, stem_bands[b], out);
+                        self.stem_band(isa, images, height, width, stem_bands[b], out);
                     });
                     (h, w, channels) = (out_h, out_w, outputs);
                 } else {
@@ -847,7 +911,10 @@ impl Backbone {
                         // SAFETY: each output row is written by one item; the
                         // buffer is not read in this phase.
                         let out = unsafe { current.write(r * row..(r + 1) * row) };
-                        self.stem.kernel.run_row(isa, input, height, width, r, out);
+                        let (image, oy) = (r / stem_h, r % stem_h);
+                        self.stem
+                            .kernel
+                            .run_row(isa, images[image], height, width, oy, out);
                     });
                 }
                 laps.lap(|t| &mut t.stem);
@@ -962,20 +1029,14 @@ impl Backbone {
                 }
             });
         }
-        let features = Tensor::from_slice(
-            &buffers.filtered[..features_len],
-            (batch, h, w, FEATURE_DIM),
-            &Device::Cpu,
-        )?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?;
+        let result = finish(&buffers.filtered[..features_len], (h, w, FEATURE_DIM));
         if let Ok(mut slot) = self.buffers.lock() {
             *slot = Some(buffers);
         }
         if let Some(times) = times {
             *times = measured.into_inner().unwrap_or_default();
         }
-        Ok(features)
+        Ok(result)
     }
 
     /// The 1280-d average-pooled feature and the ImageNet logits, as the

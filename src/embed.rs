@@ -148,9 +148,22 @@ impl Embedder {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
-        let x = photo::batch_tensor(inputs, self.input, self.backbone.device())?;
-        let features = self.backbone.features(&x)?;
-        let mut pooled = gem(&features, GEM_P)?;
+        let mut pooled = if self.backbone.device().is_cpu() {
+            // Pooled straight from the channel-last map the CPU kernels
+            // leave, with no input tensor or feature tensor in between.
+            let images: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+            let (height, width) = (self.input.height as usize, self.input.width as usize);
+            let pooled = self.backbone.features_channel_last(
+                &images,
+                height,
+                width,
+                |map, (h, w, channels)| gem_channel_last(map, h * w, channels, GEM_P),
+            )?;
+            Tensor::from_vec(pooled, (inputs.len(), FEATURE_DIM), &Device::Cpu)?
+        } else {
+            let x = photo::batch_tensor(inputs, self.input, self.backbone.device())?;
+            gem(&self.backbone.features(&x)?, GEM_P)?
+        };
         if let Some(head) = &self.head {
             pooled = head.linear.forward(&pooled)?;
         }
@@ -163,6 +176,33 @@ impl Embedder {
         let inputs: Vec<Vec<f32>> = images.iter().map(|i| self.prepare(i)).collect();
         self.embed_inputs(&inputs)
     }
+}
+
+/// [`gem`] on channel-last maps (`[batch][area][channels]`), to the same
+/// values: each channel's sum runs over the pixels in the same order.
+pub fn gem_channel_last(map: &[f32], area: usize, channels: usize, p: f64) -> Vec<f32> {
+    const EPS: f32 = 1e-6;
+    let cube = p == 3.0;
+    let mut pooled = Vec::with_capacity(map.len() / (area * channels).max(1) * channels);
+    let mut sums = vec![0f64; channels];
+    for image in map.chunks_exact((area * channels).max(1)) {
+        sums.fill(0.0);
+        for pixel in image.chunks_exact(channels) {
+            for (sum, &v) in sums.iter_mut().zip(pixel) {
+                let v = v.max(EPS);
+                *sum += if cube {
+                    (v * v * v) as f64
+                } else {
+                    (v as f64).powf(p)
+                };
+            }
+        }
+        pooled.extend(
+            sums.iter()
+                .map(|&sum| (sum / area as f64).powf(1.0 / p) as f32),
+        );
+    }
+    pooled
 }
 
 /// Generalised-mean pooling over height and width:
@@ -245,5 +285,35 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert!((square[0] - 2.5f32.sqrt()).abs() < 1e-5, "{square:?}");
+    }
+
+    #[test]
+    fn channel_last_gem_gives_the_same_bits_as_the_planar_one() {
+        // Two images, 3×5 pixels, 7 channels, values around the ε clamp.
+        let (batch, h, w, c) = (2, 3, 5, 7);
+        let planar: Vec<f32> = (0..batch * c * h * w)
+            .map(|i| ((i * 37) % 23) as f32 / 7.0 - 0.5)
+            .collect();
+        let features = Tensor::from_vec(planar, (batch, c, h, w), &Device::Cpu).unwrap();
+        let channel_last: Vec<f32> = features
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for p in [3.0, 2.0] {
+            let expected: Vec<f32> = gem(&features, p)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(
+                gem_channel_last(&channel_last, h * w, c, p),
+                expected,
+                "p = {p}"
+            );
+        }
     }
 }

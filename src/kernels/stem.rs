@@ -67,27 +67,29 @@ impl StemKernel {
             batch * out_h * out_w * self.outputs(),
             "stem output"
         );
+        let image_len = COLOURS * height * width;
         out.par_chunks_mut(out_w * self.outputs())
             .enumerate()
-            .for_each(|(row, out_row)| self.run_row(isa, input, height, width, row, out_row));
+            .for_each(|(row, out_row)| {
+                let image = &input[row / out_h * image_len..][..image_len];
+                self.run_row(isa, image, height, width, row % out_h, out_row)
+            });
     }
 
-    /// Output row `row` (counted over the whole batch) of [`StemKernel::run`].
+    /// Output row `oy` of one image (`[3][height][width]`).
     pub fn run_row(
         &self,
         isa: Isa,
-        input: &[f32],
+        image: &[f32],
         height: usize,
         width: usize,
-        row: usize,
+        oy: usize,
         out: &mut [f32],
     ) {
         let k = self.kernel;
-        let (out_h, top) = same_padding(height, k, self.stride);
+        let (_, top) = same_padding(height, k, self.stride);
         let (out_w, left) = same_padding(width, k, self.stride);
-        let plane = height * width;
-        let (image, oy) = (row / out_h, row % out_h);
-        let image = &input[image * COLOURS * plane..(image + 1) * COLOURS * plane];
+        assert_eq!(image.len(), COLOURS * height * width, "stem image");
         let first_row = (oy * self.stride) as isize - top as isize;
         let taps = COLOURS * k * k;
         PATCHES.with_borrow_mut(|patches| {

@@ -243,16 +243,23 @@ mod tests {
         run(2, 1, |member| {
             let me = member.index();
             member.share(ITEMS, |i| {
+                let start = std::time::Instant::now();
+                let waiting = |item: usize| {
+                    ran_by[item].load(Ordering::Relaxed) == NOBODY && start.elapsed().as_secs() < 10
+                };
+                if i == ITEMS / 2 {
+                    // Member 1 lets member 0 start first.
+                    while waiting(0) {
+                        std::thread::yield_now();
+                    }
+                }
                 runs[i].fetch_add(1, Ordering::Relaxed);
                 ran_by[i].store(me, Ordering::Relaxed);
                 if i == 0 {
                     // Member 0 stalls on its first item until member 1,
                     // done with its own half, has taken the rest of member
                     // 0's (or ten seconds pass, and the asserts fail).
-                    let start = std::time::Instant::now();
-                    while ran_by[ITEMS / 2 - 1].load(Ordering::Relaxed) == NOBODY
-                        && start.elapsed().as_secs() < 10
-                    {
+                    while waiting(ITEMS / 2 - 1) {
                         std::thread::yield_now();
                     }
                 }
