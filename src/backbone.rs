@@ -537,26 +537,7 @@ impl Laps {
 
     fn lap(&mut self, field: fn(&mut LayerTimes) -> &mut f64) {
         if let Some(times) = &mut self.times {
-            let t = ms(self.clock);
-            *field(times) += t;
-            if std::env::var_os("FLUKEID_PHASES").is_some() {
-                let mut d = LayerTimes::default();
-                *field(&mut d) = 1.0;
-                let l = if d.stem > 0.0 {
-                    "S"
-                } else if d.expand > 0.0 {
-                    "E"
-                } else if d.depthwise > 0.0 {
-                    "D"
-                } else if d.project > 0.0 {
-                    "P"
-                } else if d.fused > 0.0 {
-                    "F"
-                } else {
-                    "H"
-                };
-                eprint!("{l}{t:.3} ");
-            }
+            *field(times) += ms(self.clock);
             self.clock = Instant::now();
         }
     }
@@ -821,7 +802,7 @@ impl Backbone {
         width: usize,
         finish: impl FnOnce(&[f32], (usize, usize, usize)) -> R,
     ) -> Result<R, BackboneError> {
-        if height % 32 != 0 || width % 32 != 0 || height == 0 || width == 0 {
+        if !height.is_multiple_of(32) || !width.is_multiple_of(32) || height == 0 || width == 0 {
             return Err(BackboneError::InputSize { height, width });
         }
         if let Some(image) = images.iter().find(|i| i.len() != 3 * height * width) {
