@@ -337,11 +337,11 @@ impl Block {
         2 * (band * s + k.saturating_sub(s)) <= 3 * band * s
     }
 
-    /// Output rows per band of [`Block::fused_band`]: about four bands per
+    /// Output rows per band of [`Block::fused_band`]: about two bands per
     /// thread, for balance.
     fn band_rows(&self, batch: usize, height: usize, width: usize, threads: usize) -> usize {
         let (out_h, _) = self.depthwise.kernel.output_size(height, width);
-        (batch * out_h).div_ceil(threads * 4).clamp(1, out_h)
+        (batch * out_h).div_ceil(threads * 2).clamp(1, out_h)
     }
 
     /// The work items of [`Block::fused_band`] for a batch: bands of output
@@ -480,6 +480,12 @@ struct Buffers {
 
 /// One 1×1 convolution as a team phase: `input` (`[pixels][in]`) into the
 /// start of `out`, in chunks of whole register tiles.
+/// Whether [`pointwise_phase`] gives each thread a group of output
+/// channels over all pixels (rather than a band of pixels).
+fn splits_by_panels(kernel: &PointwiseKernel, pixels: usize, threads: usize) -> bool {
+    kernel.outputs() > pixels && kernel.panels() >= threads
+}
+
 fn pointwise_phase(
     member: &mut Member,
     kernel: &PointwiseKernel,
@@ -493,15 +499,30 @@ fn pointwise_phase(
     let pixels = input.len() / k;
     let chunk = kernel.chunk_rows(isa, pixels, threads);
     let chunks = pixels.div_ceil(chunk);
-    // A small map has too few row chunks to keep every thread busy to the
-    // end: split its output channels into groups of panels as well.
-    let groups = (1..=kernel.panels())
-        .find(|g| chunks * g >= 4 * threads && (chunks * g).is_multiple_of(threads))
-        .unwrap_or(1);
-    let per_group = kernel.panels().div_ceil(groups);
+    // Where the weights outweigh the map (late layers at small batches),
+    // each thread takes a group of output panels over all rows, so it
+    // streams only its part of the weights; otherwise each takes rows, and
+    // a map with too few row chunks to keep every thread busy to the end
+    // is split into groups of panels as well.
+    let by_panels = splits_by_panels(kernel, pixels, threads);
+    let groups = if by_panels {
+        threads * (4 * threads).div_ceil(chunks * threads)
+    } else {
+        (1..=kernel.panels())
+            .find(|g| chunks * g >= 4 * threads && (chunks * g).is_multiple_of(threads))
+            .unwrap_or(1)
+    };
+    let per_group = kernel.panels().div_ceil(groups.min(kernel.panels()));
     let groups = kernel.panels().div_ceil(per_group);
     member.share(chunks * groups, |item| {
-        let (c, g) = (item / groups, item % groups);
+        // Consecutive items share a group of panels when splitting by
+        // panels, a chunk of rows otherwise: members start on consecutive
+        // items (see `Member::share`).
+        let (c, g) = if by_panels {
+            (item % chunks, item / chunks)
+        } else {
+            (item / groups, item % groups)
+        };
         let rows = c * chunk..((c + 1) * chunk).min(pixels);
         let panels = g * per_group..((g + 1) * per_group).min(kernel.panels());
         let residual = residual.map(|r| &r[rows.start * n..rows.end * n]);
@@ -937,10 +958,15 @@ impl Backbone {
                             Some(strips) if plane_pays(kernel, isa, h, w) => {
                                 let (image_in, image_out) =
                                     (h * w * hidden, out_h * out_w * hidden);
-                                // Fewer images than threads: split each into
-                                // bands of rows too, so that each thread
-                                // mostly reads rows it expanded itself.
-                                let bands = if batch < threads {
+                                // Each thread should mostly read what it
+                                // expanded itself: the same channels when
+                                // the expansion was split by channels, else
+                                // the same rows (with fewer images than
+                                // threads, bands of each image's rows).
+                                let by_channels = block.expand.as_ref().is_some_and(|e| {
+                                    splits_by_panels(&e.kernel, batch * h * w, threads)
+                                });
+                                let bands = if batch < threads && !by_channels {
                                     threads.min(out_h)
                                 } else {
                                     1
