@@ -18,7 +18,7 @@ fn main() {
         .collect();
     paths.sort();
     paths.truncate(max);
-    let (mut read, mut decode, mut resize) = (0.0, 0.0, 0.0);
+    let (mut read, mut decode, mut resize, mut prepare) = (0.0, 0.0, 0.0, 0.0);
     for path in &paths {
         let t = Instant::now();
         let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -31,13 +31,20 @@ fn main() {
         let input = flukeid::photo::to_chw(&image, Default::default());
         resize += t.elapsed().as_secs_f64();
         assert!(!input.is_empty());
+        let t = Instant::now();
+        let prepared = flukeid::photo::prepare(&bytes, Default::default(), Default::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        prepare += t.elapsed().as_secs_f64();
+        assert_eq!(prepared.len(), input.len());
     }
     let n = paths.len().max(1) as f64;
     println!(
-        "{} photos: read {:.2} ms, decode {:.2} ms, resize to the input {:.2} ms per photo",
+        "{} photos: read {:.2} ms, decode {:.2} ms, resize to the input {:.2} ms per photo; \
+         both as the pipeline does them (large JPEGs decoded at a reduced scale) {:.2} ms",
         paths.len(),
         read / n * 1e3,
         decode / n * 1e3,
-        resize / n * 1e3
+        resize / n * 1e3,
+        prepare / n * 1e3
     );
 }

@@ -402,10 +402,9 @@ async fn identify(
     let size = identifier.embedder().input();
     // Resizing a camera frame costs as much as decoding it; both stay off
     // the model thread.
-    let input =
-        web::block(move || photo::decode(&bytes, limits).map(|image| photo::to_chw(&image, size)))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let input = web::block(move || photo::prepare(&bytes, limits, size))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     let decode_ms = ms(decode_started);
 
     let (reply, answer) = oneshot::channel();

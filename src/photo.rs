@@ -7,6 +7,7 @@ use std::io::Cursor;
 
 use candle_core::{Device, Tensor};
 use image::codecs::gif::GifDecoder;
+use image::metadata::Orientation;
 use image::{AnimationDecoder, DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
 /// Limits applied before a photo is decoded.
@@ -96,6 +97,30 @@ impl std::str::FromStr for InputSize {
 
 /// Decodes a photo to 8-bit RGB with its EXIF orientation applied.
 pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, PhotoError> {
+    decode_at_least(bytes, limits, None)
+}
+
+/// Decodes a photo and resizes it to the network's input (see [`to_chw`]).
+/// A JPEG at least twice as large as twice the input on both sides is
+/// decoded at a reduced scale (1/2, 1/4 or 1/8, in the DCT, which skips most
+/// of the decoding work), never below twice the input: the same bound under
+/// which [`to_chw`] shrinks a large photo before its final filter.
+pub fn prepare(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    size: InputSize,
+) -> Result<Vec<f32>, PhotoError> {
+    let image = decode_at_least(bytes, limits, Some((2 * size.width, 2 * size.height)))?;
+    Ok(to_chw(&image, size))
+}
+
+/// [`decode`], at a reduced JPEG scale when the photo is larger than
+/// `least` (width, height, as displayed) by at least two on both sides.
+fn decode_at_least(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    least: Option<(u32, u32)>,
+) -> Result<RgbImage, PhotoError> {
     if bytes.is_empty() {
         return Err(PhotoError::Empty);
     }
@@ -126,9 +151,66 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, PhotoError
         });
     }
     let orientation = decoder.orientation().map_err(corrupt)?;
+    if let (ImageFormat::Jpeg, Some((least_w, least_h))) = (format, least) {
+        // Stored sides, before the orientation turns the photo.
+        let turned = matches!(
+            orientation,
+            Orientation::Rotate90
+                | Orientation::Rotate270
+                | Orientation::Rotate90FlipH
+                | Orientation::Rotate270FlipH
+        );
+        let (least_w, least_h) = if turned {
+            (least_h, least_w)
+        } else {
+            (least_w, least_h)
+        };
+        if width >= 2 * least_w && height >= 2 * least_h {
+            if let Some(reduced) = decode_jpeg_reduced(bytes, least_w, least_h) {
+                let mut image = DynamicImage::ImageRgb8(reduced);
+                image.apply_orientation(orientation);
+                return Ok(to_rgb8(image));
+            }
+        }
+    }
     let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     image.apply_orientation(orientation);
-    Ok(image.into_rgb8())
+    Ok(to_rgb8(image))
+}
+
+/// A JPEG decoded at the smallest DCT scale (1/8, 1/4, 1/2 or 1) that
+/// keeps it at least `least_w × least_h`; `None` for what this decoder
+/// does not handle (CMYK, 16-bit, or data it rejects), which the full
+/// decoder then takes.
+fn decode_jpeg_reduced(bytes: &[u8], least_w: u32, least_h: u32) -> Option<RgbImage> {
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    decoder.read_info().ok()?;
+    let (width, height) = decoder
+        .scale(u16::try_from(least_w).ok()?, u16::try_from(least_h).ok()?)
+        .ok()?;
+    let (width, height) = (u32::from(width), u32::from(height));
+    let pixels = decoder.decode().ok()?;
+    let rgb = match decoder.info()?.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => pixels,
+        jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+        _ => return None,
+    };
+    let image = RgbImage::from_raw(width, height, rgb)?;
+    (width >= least_w && height >= least_h).then_some(image)
+}
+
+/// The photo as 8-bit RGB. Grey photos are common in fluke catalogs, and
+/// `image` converts them through floating-point colour management pixel
+/// by pixel; copying the grey value to each channel gives the same bytes.
+fn to_rgb8(image: DynamicImage) -> RgbImage {
+    match image {
+        DynamicImage::ImageLuma8(grey) => {
+            let (width, height) = grey.dimensions();
+            let rgb: Vec<u8> = grey.as_raw().iter().flat_map(|&v| [v, v, v]).collect();
+            RgbImage::from_raw(width, height, rgb).expect("three bytes per pixel")
+        }
+        other => other.into_rgb8(),
+    }
 }
 
 fn corrupt(e: image::ImageError) -> PhotoError {
@@ -254,27 +336,59 @@ fn resize_triangle(image: &RgbImage, width: u32, height: u32) -> Vec<u8> {
             }
         }
     }
-    // Horizontal pass, rounding to the nearest 8-bit value.
+    // Horizontal pass, rounding to the nearest 8-bit value. A pixel's three
+    // channels are summed as lanes of one 4-lane vector (the fourth lane
+    // reads the next value and is dropped); each lane adds the same
+    // products in the same order as a scalar loop, so the bytes do not
+    // change. One spare float after the last row keeps that read in bounds.
+    tall.push(0.0);
     let taps = triangle_taps(from_w, width);
     let mut out = vec![0u8; (width * height * 3) as usize];
-    for (line, out) in tall
-        .chunks_exact(row)
-        .zip(out.chunks_exact_mut(3 * width as usize))
-    {
+    for (y, out) in out.chunks_exact_mut(3 * width as usize).enumerate() {
+        let line = &tall[y * row..(y + 1) * row + 1];
         for (taps, pixel) in taps.iter().zip(out.chunks_exact_mut(3)) {
-            let mut sum = [0f32; 3];
-            for &(x, weight) in taps {
-                let value: &[f32; 3] = line[3 * x..3 * x + 3].try_into().expect("pixel");
-                for c in 0..3 {
-                    sum[c] += value[c] * weight;
-                }
-            }
+            let sum = weighted_pixel(line, taps);
             for c in 0..3 {
                 pixel[c] = round_u8(sum[c]);
             }
         }
     }
     out
+}
+
+/// `Σ weight · line[3x..3x + 3]` over `taps`, in order, from zero; `line`
+/// must hold one value past the last tapped pixel.
+#[inline]
+fn weighted_pixel(line: &[f32], taps: &[(usize, f32)]) -> [f32; 3] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let last = taps.last().map_or(0, |&(x, _)| x);
+        assert!(3 * last + 4 <= line.len(), "resize row");
+        // SAFETY: SSE2 is part of x86_64; every load reads four values
+        // starting at `3x` with `3x + 4 <= line.len()` (checked above for
+        // the largest `x`).
+        unsafe {
+            let mut sum = _mm_setzero_ps();
+            for &(x, weight) in taps {
+                let value = _mm_loadu_ps(line.as_ptr().add(3 * x));
+                sum = _mm_add_ps(sum, _mm_mul_ps(value, _mm_set1_ps(weight)));
+            }
+            let mut lanes = [0f32; 4];
+            _mm_storeu_ps(lanes.as_mut_ptr(), sum);
+            [lanes[0], lanes[1], lanes[2]]
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut sum = [0f32; 3];
+        for &(x, weight) in taps {
+            for c in 0..3 {
+                sum[c] += line[3 * x + c] * weight;
+            }
+        }
+        sum
+    }
 }
 
 /// Stacks CHW inputs into one `[batch, 3, height, width]` tensor.
@@ -297,6 +411,14 @@ pub fn batch_tensor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grey_photos_become_the_same_rgb_as_the_image_crate_makes() {
+        let grey = image::GrayImage::from_fn(37, 11, |x, y| image::Luma([(x * 7 + y * 13) as u8]));
+        let ours = to_rgb8(DynamicImage::ImageLuma8(grey.clone()));
+        assert_eq!(ours, DynamicImage::ImageLuma8(grey).into_rgb8());
+        assert_eq!(ours.get_pixel(36, 10).0, [(36 * 7 + 10 * 13) as u8; 3]);
+    }
 
     #[test]
     fn triangle_resize_matches_the_image_crate_exactly() {

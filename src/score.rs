@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -109,10 +108,15 @@ pub fn list_images(dir: &Path) -> Result<Vec<String>, ScoreError> {
     Ok(names)
 }
 
-/// Reads, decodes and resizes photos to `input` on a pool of threads while
-/// the caller embeds the previous batch, calling `each` with batches of up
-/// to `batch` prepared inputs (see [`photo::to_chw`]) in name order. Stops
-/// at the first photo that cannot be read.
+/// Reads, decodes and resizes photos to `input` on rayon's pool, a batch
+/// at a time, calling `each` with batches of up to `batch` prepared inputs
+/// (see [`photo::to_chw`]) in name order. Stops at the first photo that
+/// cannot be read.
+///
+/// Decoding does not overlap with `each`: the network already keeps every
+/// core busy, so decoding on other threads meanwhile only takes cores from
+/// the network's team (it measured no faster than taking turns, on 2 cores,
+/// `docs/benchmarks.md`), and taking turns is simpler.
 pub fn decode_batches<F>(
     dir: &Path,
     names: &[String],
@@ -125,51 +129,22 @@ where
     F: FnMut(&[String], Vec<Vec<f32>>) -> Result<(), ScoreError>,
 {
     use rayon::prelude::*;
-    let batch = batch.max(1);
-    let (tx, rx) = mpsc::sync_channel::<Result<Vec<Vec<f32>>, ScoreError>>(2);
-    let dir = dir.to_owned();
-    let chunks: Vec<Vec<String>> = names.chunks(batch).map(<[String]>::to_vec).collect();
-    let producer_chunks = chunks.clone();
-    let producer = std::thread::spawn(move || {
-        for chunk in producer_chunks {
-            let decoded: Result<Vec<_>, ScoreError> = chunk
-                .par_iter()
-                .map(|name| {
-                    let path = dir.join(name);
-                    let bytes = std::fs::read(&path).map_err(|source| ScoreError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    photo::decode(&bytes, limits)
-                        .map(|image| photo::to_chw(&image, input))
-                        .map_err(|source| ScoreError::Photo { path, source })
-                })
-                .collect();
-            let failed = decoded.is_err();
-            if tx.send(decoded).is_err() || failed {
-                return;
-            }
-        }
-    });
-    let mut result = Ok(());
-    for chunk in &chunks {
-        match rx.recv() {
-            Ok(Ok(inputs)) => {
-                if let Err(e) = each(chunk, inputs) {
-                    result = Err(e);
-                    break;
-                }
-            }
-            Ok(Err(e)) => {
-                result = Err(e);
-                break;
-            }
-            Err(_) => break,
-        }
+    for chunk in names.chunks(batch.max(1)) {
+        let inputs = chunk
+            .par_iter()
+            .map(|name| {
+                let path = dir.join(name);
+                let bytes = std::fs::read(&path).map_err(|source| ScoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                photo::prepare(&bytes, limits, input)
+                    .map_err(|source| ScoreError::Photo { path, source })
+            })
+            .collect::<Result<Vec<_>, ScoreError>>()?;
+        each(chunk, inputs)?;
     }
-    drop(rx);
-    let _ = producer.join();
-    result
+    Ok(())
 }
 
 /// Identifies every photo in `dir`, with a progress bar on stderr when

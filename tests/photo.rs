@@ -3,7 +3,7 @@
 
 mod common;
 
-use flukeid::photo::{decode, DecodeLimits, InputSize, PhotoError};
+use flukeid::photo::{decode, prepare, to_chw, DecodeLimits, InputSize, PhotoError};
 use image::{DynamicImage, ImageBuffer, Luma, Rgb, RgbImage};
 
 fn limits() -> DecodeLimits {
@@ -162,10 +162,9 @@ fn animated_gif_is_refused_and_still_gif_accepted() {
     assert_eq!(rgb.dimensions(), (16, 16));
 }
 
-#[test]
-fn exif_orientation_is_applied() {
-    // A 40×20 JPEG whose EXIF says "rotate 90° clockwise to view".
-    let jpeg = common::jpeg_bytes(&gradient(40, 20));
+/// `jpeg` with an EXIF block giving `orientation` (6: rotate 90°
+/// clockwise to view).
+fn with_orientation(jpeg: &[u8], orientation: u8) -> Vec<u8> {
     let mut tiff = Vec::new();
     tiff.extend_from_slice(b"II*\0");
     tiff.extend_from_slice(&8u32.to_le_bytes());
@@ -173,7 +172,7 @@ fn exif_orientation_is_applied() {
     tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
     tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
     tiff.extend_from_slice(&1u32.to_le_bytes());
-    tiff.extend_from_slice(&[6, 0, 0, 0]);
+    tiff.extend_from_slice(&[orientation, 0, 0, 0]);
     tiff.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
     let mut app1 = b"Exif\0\0".to_vec();
     app1.extend_from_slice(&tiff);
@@ -182,9 +181,42 @@ fn exif_orientation_is_applied() {
     with_exif.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
     with_exif.extend_from_slice(&app1);
     with_exif.extend_from_slice(&jpeg[2..]);
+    with_exif
+}
 
+#[test]
+fn exif_orientation_is_applied() {
+    // A 40×20 JPEG whose EXIF says "rotate 90° clockwise to view".
+    let jpeg = common::jpeg_bytes(&gradient(40, 20));
+    let with_exif = with_orientation(&jpeg, 6);
     assert_eq!(decode(&jpeg, limits()).unwrap().dimensions(), (40, 20));
     assert_eq!(decode(&with_exif, limits()).unwrap().dimensions(), (20, 40));
+}
+
+#[test]
+fn large_jpegs_decoded_at_a_reduced_scale_give_nearly_the_same_input() {
+    // Smooth colour ramps survive the DCT's down-scaling; a photo more than
+    // four times the input on both sides takes the reduced path.
+    let size = InputSize::default();
+    let (w, h) = (4 * size.width + 200, 4 * size.height + 100);
+    let ramp = |x: u32, y: u32| Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 60]);
+    let upright = common::jpeg_bytes(&RgbImage::from_fn(w, h, ramp));
+    // The same photo stored on its side, with EXIF saying to turn it back.
+    let stored = RgbImage::from_fn(h, w, |x, y| ramp(y, h - 1 - x));
+    let turned = with_orientation(&common::jpeg_bytes(&stored), 6);
+    for (what, bytes) in [("upright", upright), ("turned", turned)] {
+        let full = to_chw(&decode(&bytes, limits()).unwrap(), size);
+        let reduced = prepare(&bytes, limits(), size).unwrap();
+        assert_eq!(reduced.len(), full.len());
+        let diffs: Vec<f32> = full
+            .iter()
+            .zip(&reduced)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        // Inputs run from -1 to 1; one grey level is 1/128.
+        assert!(mean < 2.0 / 128.0, "{what}: mean difference {mean}");
+    }
 }
 
 #[test]
