@@ -4,8 +4,9 @@
 //! thread pool costs a wake-up and a join per layer, which at batch 1 is a
 //! large share of the pass (and much more when another process has the
 //! idle core). Instead the pass starts `threads` threads once; every layer
-//! is a *phase* whose work items the members claim from a shared counter,
-//! and members wait for each other at a spinning barrier between phases.
+//! is a *phase* whose work items the members share out (each starts on its
+//! own contiguous part, then takes what others have not reached), and
+//! members wait for each other at a spinning barrier between phases.
 //!
 //! Members write their items' outputs through [`Shared`], a buffer that
 //! hands out disjoint ranges; phases are ordered by the barrier, so one
