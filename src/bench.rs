@@ -66,7 +66,12 @@ pub fn synthetic_fluke(seed: u32, width: u32, height: u32) -> RgbImage {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let middle = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[middle - 1] + v[middle]) / 2.0
+    } else {
+        v[middle]
+    }
 }
 
 /// Runs the benchmark and prints its figures.

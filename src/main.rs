@@ -252,7 +252,11 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => evaluate(args),
         Command::Calibrate(args) => calibrate(args),
         Command::ConvertWeights(args) => convert_weights(args),
-        Command::Bench(args) => bench::run(&args.models, args.rounds, args.photos.as_deref()),
+        Command::Bench(args) => bench::run(
+            &models_dir(&args.models),
+            args.rounds,
+            args.photos.as_deref(),
+        ),
         Command::BenchIndex(args) => bench_index(args),
         Command::Openapi => {
             print!("{}", http::openapi_document());
@@ -280,7 +284,23 @@ fn embedder_for(catalog: &Path, model: &ModelArgs) -> Result<Embedder, Box<dyn s
             input = f.input;
         }
     }
-    Ok(Embedder::load(&model.models, input, &Device::Cpu)?)
+    Ok(Embedder::load(
+        &models_dir(&model.models),
+        input,
+        &Device::Cpu,
+    )?)
+}
+
+/// The models folder: as given when it exists; otherwise, for the default
+/// relative `models`, the one of the checkout this binary was built from,
+/// so that the commands also work from another directory.
+fn models_dir(given: &Path) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(given);
+    if !given.exists() && given == Path::new("models") && built.exists() {
+        tracing::info!(models = %built.display(), "using the models of the checkout this binary was built from");
+        return built;
+    }
+    given.to_owned()
 }
 
 /// Starts listening at once and loads the model and catalog in the

@@ -234,3 +234,52 @@ fn score_against_a_missing_catalog_is_an_error() {
     );
     assert!(!dir.join("sub.csv").exists());
 }
+
+#[test]
+fn commands_run_outside_the_checkout_find_its_models() {
+    // No `--models`, and the working directory has no models/ folder: the
+    // binary falls back to the models/ of the checkout it was built from.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path();
+    common::kaggle_folder(dir, 2, 1);
+    assert!(!dir.join("models").exists());
+    let out = flukeid(
+        &[
+            "index",
+            "--images",
+            "photos",
+            "--labels",
+            "labels.csv",
+            "--catalog",
+            "cat",
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("added 2 sightings"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A models folder that is named and missing is still an error.
+    let out = flukeid(
+        &[
+            "index",
+            "--models",
+            "nowhere",
+            "--images",
+            "photos",
+            "--labels",
+            "labels.csv",
+            "--catalog",
+            "cat2",
+        ],
+        dir,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("nowhere"),
+        "{}",
+        text(&out.stderr)
+    );
+}
