@@ -67,7 +67,7 @@ pub fn synthetic_fluke(seed: u32, width: u32, height: u32) -> RgbImage {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let middle = v.len() / 2;
-    if v.len() % 2 == 0 {
+    if v.len().is_multiple_of(2) {
         (v[middle - 1] + v[middle]) / 2.0
     } else {
         v[middle]
