@@ -426,30 +426,31 @@ impl DepthwiseKernel {
             channels: c,
             start,
         };
-        match isa {
-            // SAFETY: `Isa::Avx512` is only chosen when the CPU has it.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { self.plane_avx512(&plane) },
-            // SAFETY: `Isa::Avx2` is only chosen when the CPU has AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { self.plane_avx2(&plane) },
-            // SAFETY: the caller's promise about `out`.
-            _ => unsafe { self.plane_body::<false>(&plane) },
+        // SAFETY (all four): the caller's promise about `out`.
+        unsafe {
+            match (self.kernel, self.stride) {
+                (3, 1) => self.plane_variant::<3, 1>(isa, &plane),
+                (3, 2) => self.plane_variant::<3, 2>(isa, &plane),
+                (5, 1) => self.plane_variant::<5, 1>(isa, &plane),
+                _ => self.plane_variant::<5, 2>(isa, &plane),
+            }
         }
     }
 
+    /// The plane path of a `K`×`K`, stride-`S` layer in `isa`'s variant.
+    ///
     /// # Safety
-    /// The CPU must support AVX-512F; `plane.out` as in `run_plane_strip`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn plane_avx512(&self, plane: &Plane) {
-        // SAFETY (all four): this function's own requirements.
+    /// `plane.out` as in `run_plane_strip`.
+    unsafe fn plane_variant<const K: usize, const S: usize>(&self, isa: Isa, plane: &Plane) {
+        // SAFETY: `Isa::Avx512` and `Isa::Avx2` are only chosen when the
+        // CPU has them; `plane.out` as the caller promised.
         unsafe {
-            match (self.kernel, self.stride) {
-                (3, 1) => self.plane_rows_avx512::<3, 1>(plane),
-                (3, 2) => self.plane_rows_avx512::<3, 2>(plane),
-                (5, 1) => self.plane_rows_avx512::<5, 1>(plane),
-                _ => self.plane_rows_avx512::<5, 2>(plane),
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => self.plane_rows_avx512::<K, S>(plane),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => self.plane_rows_avx2::<K, S>(plane),
+                _ => self.plane_rows::<K, S>(plane),
             }
         }
     }
@@ -458,7 +459,7 @@ impl DepthwiseKernel {
     /// strip pixel, the strip's weights loaded once per call.
     ///
     /// # Safety
-    /// As `plane_avx512`.
+    /// The CPU must support AVX-512F; `plane.out` as in `run_plane_strip`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn plane_rows_avx512<const K: usize, const S: usize>(&self, plane: &Plane) {
@@ -519,28 +520,13 @@ impl DepthwiseKernel {
         }
     }
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `plane.out` as in `run_plane_strip`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn plane_avx2(&self, plane: &Plane) {
-        // SAFETY (all four): this function's own requirements.
-        unsafe {
-            match (self.kernel, self.stride) {
-                (3, 1) => self.plane_rows_avx2::<3, 1>(plane),
-                (3, 2) => self.plane_rows_avx2::<3, 2>(plane),
-                (5, 1) => self.plane_rows_avx2::<5, 1>(plane),
-                _ => self.plane_rows_avx2::<5, 2>(plane),
-            }
-        }
-    }
-
     /// [`DepthwiseKernel::plane_rows`] in AVX2 registers: two 8-lane
     /// vectors per strip pixel, four pixels at a time (AVX2 has sixteen
     /// vector registers).
     ///
     /// # Safety
-    /// As `plane_avx2`.
+    /// The CPU must support AVX2 and FMA; `plane.out` as in
+    /// `run_plane_strip`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn plane_rows_avx2<const K: usize, const S: usize>(&self, plane: &Plane) {
@@ -603,25 +589,11 @@ impl DepthwiseKernel {
         }
     }
 
+    /// The plane path in portable Rust.
+    ///
     /// # Safety
     /// `plane.out` as in `run_plane_strip`.
-    #[inline(always)]
-    unsafe fn plane_body<const FMA: bool>(&self, plane: &Plane) {
-        // SAFETY (all four): passed on from the caller.
-        unsafe {
-            match (self.kernel, self.stride) {
-                (3, 1) => self.plane_rows::<3, 1, FMA>(plane),
-                (3, 2) => self.plane_rows::<3, 2, FMA>(plane),
-                (5, 1) => self.plane_rows::<5, 1, FMA>(plane),
-                _ => self.plane_rows::<5, 2, FMA>(plane),
-            }
-        }
-    }
-
-    /// # Safety
-    /// `plane.out` as in `run_plane_strip`.
-    #[inline(always)]
-    unsafe fn plane_rows<const K: usize, const S: usize, const FMA: bool>(&self, plane: &Plane) {
+    unsafe fn plane_rows<const K: usize, const S: usize>(&self, plane: &Plane) {
         let c = self.channels;
         let mut weights = [[[0f32; STRIP]; K]; K];
         for (ky, row) in weights.iter_mut().enumerate() {
@@ -637,19 +609,19 @@ impl DepthwiseKernel {
             // SAFETY (all four): passed on from the caller.
             unsafe {
                 while ox + 8 <= plane.out_w {
-                    self.plane_pixels::<K, S, 8, FMA>(plane, &weights, bias, oy, ox);
+                    self.plane_pixels::<K, S, 8>(plane, &weights, bias, oy, ox);
                     ox += 8;
                 }
                 if ox + 4 <= plane.out_w {
-                    self.plane_pixels::<K, S, 4, FMA>(plane, &weights, bias, oy, ox);
+                    self.plane_pixels::<K, S, 4>(plane, &weights, bias, oy, ox);
                     ox += 4;
                 }
                 if ox + 2 <= plane.out_w {
-                    self.plane_pixels::<K, S, 2, FMA>(plane, &weights, bias, oy, ox);
+                    self.plane_pixels::<K, S, 2>(plane, &weights, bias, oy, ox);
                     ox += 2;
                 }
                 if ox < plane.out_w {
-                    self.plane_pixels::<K, S, 1, FMA>(plane, &weights, bias, oy, ox);
+                    self.plane_pixels::<K, S, 1>(plane, &weights, bias, oy, ox);
                 }
             }
         }
@@ -661,7 +633,7 @@ impl DepthwiseKernel {
     /// # Safety
     /// `plane.out` as in `run_plane_strip`; `ox + N <= out_w`, `oy < out_h`.
     #[inline(always)]
-    unsafe fn plane_pixels<const K: usize, const S: usize, const N: usize, const FMA: bool>(
+    unsafe fn plane_pixels<const K: usize, const S: usize, const N: usize>(
         &self,
         plane: &Plane,
         weights: &[[[f32; STRIP]; K]; K],
@@ -679,7 +651,7 @@ impl DepthwiseKernel {
                     let v: &[f32; STRIP] = row[(p * S + kx) * STRIP..][..STRIP]
                         .try_into()
                         .expect("strip");
-                    multiply_add::<STRIP, FMA>(acc, v, w);
+                    multiply_add::<STRIP, false>(acc, v, w);
                 }
             }
         }
