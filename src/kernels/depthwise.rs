@@ -289,12 +289,7 @@ impl DepthwiseKernel {
     ) {
         let c = self.channels;
         let s = self.stride;
-        let mut weights = [[[0f32; STRIP]; K]; K];
-        for (ky, row) in weights.iter_mut().enumerate() {
-            for (kx, w) in row.iter_mut().enumerate() {
-                w.copy_from_slice(&self.weight[(ky * K + kx) * c + start..][..STRIP]);
-            }
-        }
+        let weights = self.strip_weights::<K>(start);
         let bias: [f32; STRIP] = self.bias[start..start + STRIP].try_into().expect("strip");
         let rows: [Option<&[f32]>; K] = std::array::from_fn(|ky| rows[ky]);
         let out_w = out.len() / c;
@@ -468,12 +463,7 @@ impl DepthwiseKernel {
         // SAFETY: every load below is inside `self.weight`, `self.bias` or
         // `plane.padded` (asserted per row); stores as the caller promised.
         unsafe {
-            let mut weights = [[[0f32; STRIP]; K]; K];
-            for (ky, row) in weights.iter_mut().enumerate() {
-                for (kx, w) in row.iter_mut().enumerate() {
-                    w.copy_from_slice(&self.weight[(ky * K + kx) * c + plane.start..][..STRIP]);
-                }
-            }
+            let weights = self.strip_weights::<K>(plane.start);
             let bias = _mm512_loadu_ps(self.bias[plane.start..][..STRIP].as_ptr());
             let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
             let rows = plane.padded.len() / (plane.padded_w * STRIP);
@@ -534,12 +524,7 @@ impl DepthwiseKernel {
         let c = self.channels;
         // SAFETY: as in `plane_rows_avx512`.
         unsafe {
-            let mut weights = [[[0f32; STRIP]; K]; K];
-            for (ky, row) in weights.iter_mut().enumerate() {
-                for (kx, w) in row.iter_mut().enumerate() {
-                    w.copy_from_slice(&self.weight[(ky * K + kx) * c + plane.start..][..STRIP]);
-                }
-            }
+            let weights = self.strip_weights::<K>(plane.start);
             let bias = self.bias[plane.start..][..STRIP].as_ptr();
             let (bias0, bias1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
             let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
@@ -594,13 +579,7 @@ impl DepthwiseKernel {
     /// # Safety
     /// `plane.out` as in `run_plane_strip`.
     unsafe fn plane_rows<const K: usize, const S: usize>(&self, plane: &Plane) {
-        let c = self.channels;
-        let mut weights = [[[0f32; STRIP]; K]; K];
-        for (ky, row) in weights.iter_mut().enumerate() {
-            for (kx, w) in row.iter_mut().enumerate() {
-                w.copy_from_slice(&self.weight[(ky * K + kx) * c + plane.start..][..STRIP]);
-            }
-        }
+        let weights = self.strip_weights::<K>(plane.start);
         let bias: [f32; STRIP] = self.bias[plane.start..plane.start + STRIP]
             .try_into()
             .expect("strip");
@@ -662,6 +641,20 @@ impl DepthwiseKernel {
                 unsafe { *plane.out.offset(at + j as isize) = relu6(a) };
             }
         }
+    }
+
+    /// The `K`×`K` tap weights of channels `start..start + STRIP`, by row
+    /// and column of the kernel.
+    #[inline(always)]
+    fn strip_weights<const K: usize>(&self, start: usize) -> [[[f32; STRIP]; K]; K] {
+        let c = self.channels;
+        std::array::from_fn(|ky| {
+            std::array::from_fn(|kx| {
+                self.weight[(ky * K + kx) * c + start..][..STRIP]
+                    .try_into()
+                    .expect("strip")
+            })
+        })
     }
 
     /// Channels `start..start + B` of one output pixel.
