@@ -10,7 +10,8 @@
 //! in batches of up to [`MAX_BATCH`]. At most `queue` identify requests are
 //! in progress at once; the next one is answered 503 with `Retry-After`
 //! before its body is read, instead of queueing without bound. Photos are
-//! decoded and resized on actix's blocking pool.
+//! decoded and resized on actix's blocking pool, at a lower scheduling
+//! priority than the model's threads (on Linux).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -31,6 +32,30 @@ use utoipa::{OpenApi, ToSchema};
 use crate::catalog::Sighting;
 use crate::identify::{Identifier, Prediction};
 use crate::photo::{self, DecodeLimits, PhotoError};
+
+/// Lowers the calling thread's priority (`nice` 10) the first time it is
+/// called on that thread. A forward pass runs on two threads that wait for
+/// each other at every layer, so a decoding thread that takes a core from
+/// one of them for a time slice stalls both; at a lower priority decoding
+/// runs in the time the model leaves idle. Only lowering needs no
+/// privileges. Elsewhere than Linux, nothing changes.
+fn yield_to_the_model() {
+    #[cfg(target_os = "linux")]
+    {
+        thread_local! {
+            static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        if !LOWERED.with(|lowered| lowered.replace(true)) {
+            // SAFETY: plain system calls on this thread's own id.
+            let failed = unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) != 0
+            };
+            if failed {
+                tracing::debug!("could not lower a decoding thread's priority");
+            }
+        }
+    }
+}
 
 /// Largest number of queued photos embedded in one forward pass.
 pub const MAX_BATCH: usize = 8;
@@ -402,9 +427,12 @@ async fn identify(
     let size = identifier.embedder().input();
     // Resizing a camera frame costs as much as decoding it; both stay off
     // the model thread.
-    let input = web::block(move || photo::prepare(&bytes, limits, size))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let input = web::block(move || {
+        yield_to_the_model();
+        photo::prepare(&bytes, limits, size)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     let decode_ms = ms(decode_started);
 
     let (reply, answer) = oneshot::channel();
