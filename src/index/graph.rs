@@ -133,7 +133,7 @@ impl FlatGraph {
         };
         let m = max_connections;
         let stride = 1 + 2 * m;
-        let base = graph.reselect(&links[0], 2 * m);
+        let base = graph.reselect(&links[0], m, 2 * m);
         graph.base_links = vec![0u32; len * stride];
         for (node, list) in base.iter().enumerate() {
             write_list(
@@ -141,7 +141,8 @@ impl FlatGraph {
                 list,
             );
         }
-        let upper: Vec<Vec<Vec<u32>>> = links[1..].iter().map(|l| graph.reselect(l, m)).collect();
+        let upper: Vec<Vec<Vec<u32>>> =
+            links[1..].iter().map(|l| graph.reselect(l, m, m)).collect();
         for (node, &level) in levels.iter().enumerate() {
             graph.upper_start.push(graph.upper_links.len() as u32);
             for layer in upper.iter().take(level as usize) {
@@ -176,16 +177,18 @@ impl FlatGraph {
         &self.vectors[start..start + self.dim]
     }
 
-    /// Every node's new list on one layer, from its own links and those
-    /// that point at it, at most `capacity` long.
-    fn reselect(&self, lists: &[Vec<u32>], capacity: usize) -> Vec<Vec<u32>> {
+    /// Every node's new list on one layer: the heuristic picks at most
+    /// `chosen` from its own links and those that point at it, and links
+    /// back from the nodes picked fill the list up to `capacity`, the way
+    /// hnswlib's lists grow (`M` chosen, `2M` on the bottom layer).
+    fn reselect(&self, lists: &[Vec<u32>], chosen: usize, capacity: usize) -> Vec<Vec<u32>> {
         let mut pointing: Vec<Vec<u32>> = vec![Vec::new(); lists.len()];
         for (node, list) in lists.iter().enumerate() {
             for &other in list {
                 pointing[other as usize].push(node as u32);
             }
         }
-        let mut chosen: Vec<Vec<u32>> = (0..lists.len())
+        let mut picked: Vec<Vec<u32>> = (0..lists.len())
             .into_par_iter()
             .map(|node| {
                 let base = self.vector(node as u32);
@@ -199,22 +202,23 @@ impl FlatGraph {
                     .collect();
                 candidates.sort_unstable();
                 candidates.dedup_by_key(|n| n.node);
-                self.select(&candidates, capacity)
+                self.select(&candidates, chosen)
             })
             .collect();
-        // The heuristic leaves most lists short: give every chosen link its
-        // way back where the other end has room, so more of the graph can
-        // be reached in both directions.
-        for node in 0..chosen.len() {
-            for i in 0..chosen[node].len() {
-                let other = chosen[node][i];
-                let back = &mut chosen[other as usize];
+        // A node the heuristic left out of its neighbours' lists can still
+        // be reached through the links back from the nodes it picked; on
+        // clustered catalogs, these are what lead a search to a whale's
+        // other sightings.
+        for node in 0..picked.len() {
+            for i in 0..picked[node].len() {
+                let other = picked[node][i];
+                let back = &mut picked[other as usize];
                 if back.len() < capacity && !back.contains(&(node as u32)) {
                     back.push(node as u32);
                 }
             }
         }
-        chosen
+        picked
     }
 
     /// The paper's heuristic: walk the candidates from the nearest and keep
