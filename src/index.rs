@@ -5,10 +5,10 @@
 //!
 //! hnsw_rs builds the graph, takes inserts and saves it; searches walk a
 //! copy in flat arrays with re-selected links ([`graph`]), made after every
-//! insert and load. The copy costs memory and a few seconds per million
-//! vectors each time it is made, and searches several times faster, with
-//! a better recall at the same `ef` than hnsw_rs's own search of its graph
-//! (`docs/benchmarks.md`).
+//! insert and load. The copy costs memory and about 25 s per million
+//! vectors on two cores each time it is made; it searches three to four
+//! times as fast as hnsw_rs's own search of its graph, with a better
+//! recall at the same `ef` (`docs/benchmarks.md`).
 //!
 //! The catalog database is the source of truth. The saved graph carries a
 //! manifest with the number of sightings and the largest sighting id it
