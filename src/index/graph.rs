@@ -22,7 +22,7 @@ use std::collections::BinaryHeap;
 use hnsw_rs::prelude::{Distance, Hnsw};
 use rayon::prelude::*;
 
-use super::dot;
+use super::unit_distance as distance;
 
 /// A node found by a search: its distance `1 − dot` to the query.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -367,11 +367,6 @@ fn write_list(slots: &mut [u32], list: &[u32]) {
     slots[1..1 + list.len()].copy_from_slice(list);
 }
 
-/// `1 − a·b`, floored at 0 against rounding.
-fn distance(a: &[f32], b: &[f32]) -> f32 {
-    (1.0 - dot(a, b)).max(0.0)
-}
-
 /// Asks the CPU to start loading the first two cache lines of `items`.
 #[inline]
 fn prefetch<T>(items: &[T]) {
@@ -433,7 +428,7 @@ impl Visited {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::UnitDot;
+    use crate::index::{dot, UnitDot};
 
     /// `n` unit vectors of `dim` values from a fixed seed, in clusters of
     /// three around `n / 3` centres.
