@@ -28,20 +28,24 @@ fn models() -> String {
 
 /// `flukeid index` of `dir/photos` and `dir/labels.csv` into `dir/cat`.
 fn index_photos(dir: &Path) -> Output {
-    let out = flukeid(
-        &[
-            "index",
-            "--models",
-            &models(),
-            "--images",
-            "photos",
-            "--labels",
-            "labels.csv",
-            "--catalog",
-            "cat",
-        ],
-        dir,
-    );
+    index_photos_with_models(dir, Some(&models()))
+}
+
+/// `flukeid index` of `photos/` into `cat/`, with `--models` when given.
+fn index_photos_with_models(dir: &Path, models: Option<&str>) -> Output {
+    let mut args = vec!["index"];
+    if let Some(models) = models {
+        args.extend(["--models", models]);
+    }
+    args.extend([
+        "--images",
+        "photos",
+        "--labels",
+        "labels.csv",
+        "--catalog",
+        "cat",
+    ]);
+    let out = flukeid(&args, dir);
     assert!(out.status.success(), "{}", text(&out.stderr));
     out
 }
@@ -243,19 +247,7 @@ fn commands_run_outside_the_checkout_find_its_models() {
     let dir = root.path();
     common::kaggle_folder(dir, 2, 1);
     assert!(!dir.join("models").exists());
-    let out = flukeid(
-        &[
-            "index",
-            "--images",
-            "photos",
-            "--labels",
-            "labels.csv",
-            "--catalog",
-            "cat",
-        ],
-        dir,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = index_photos_with_models(dir, None);
     assert!(
         text(&out.stdout).starts_with("added 2 sightings"),
         "{}",
