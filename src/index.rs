@@ -207,7 +207,7 @@ impl VectorIndex {
             EF_CONSTRUCTION,
             UnitDot,
         );
-        let flat = FlatGraph::from_hnsw(&hnsw, dim, MAX_CONNECTIONS);
+        let flat = FlatGraph::from_hnsw(&hnsw, dim);
         Self {
             hnsw,
             flat,
@@ -233,7 +233,7 @@ impl VectorIndex {
         }
         let data: Vec<(&[f32], usize)> = items.iter().map(|(id, v)| (*v, *id as usize)).collect();
         self.hnsw.parallel_insert_slice(&data);
-        self.flat = FlatGraph::from_hnsw(&self.hnsw, self.manifest.dim, MAX_CONNECTIONS);
+        self.flat = FlatGraph::from_hnsw(&self.hnsw, self.manifest.dim);
         self.manifest.count += items.len();
         self.manifest.max_id = items
             .iter()
@@ -271,7 +271,7 @@ impl VectorIndex {
             return Vec::new();
         }
         self.flat
-            .search(query, k, ef.max(k))
+            .search(query, k, ef)
             .into_iter()
             .map(|n| Hit {
                 sighting_id: self.flat.id(n.node),
@@ -354,7 +354,7 @@ impl VectorIndex {
         if hnsw.get_nb_point() != manifest.count {
             return Ok(None);
         }
-        let flat = FlatGraph::from_hnsw(&hnsw, manifest.dim, MAX_CONNECTIONS);
+        let flat = FlatGraph::from_hnsw(&hnsw, manifest.dim);
         Ok(Some(Self {
             hnsw,
             flat,

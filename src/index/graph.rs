@@ -76,13 +76,10 @@ impl std::fmt::Debug for FlatGraph {
 }
 
 impl FlatGraph {
-    /// Copies `hnsw`'s nodes and links and re-selects every list, on the
-    /// current rayon pool.
-    pub fn from_hnsw<D: Distance<f32> + Send + Sync>(
-        hnsw: &Hnsw<'_, f32, D>,
-        dim: usize,
-        max_connections: usize,
-    ) -> Self {
+    /// Copies `hnsw`'s nodes (vectors of `dim` values) and links and
+    /// re-selects every list, with hnsw_rs's `M`, on the current rayon pool.
+    pub fn from_hnsw<D: Distance<f32> + Send + Sync>(hnsw: &Hnsw<'_, f32, D>, dim: usize) -> Self {
+        let max_connections = usize::from(hnsw.get_max_nb_connection());
         let started = std::time::Instant::now();
         let points = hnsw.get_point_indexation();
         let top = points.get_max_level_observed() as usize;
@@ -463,7 +460,7 @@ mod tests {
             .map(|(i, v)| (v.as_slice(), 1000 + i))
             .collect();
         hnsw.parallel_insert_slice(&data);
-        FlatGraph::from_hnsw(&hnsw, vectors[0].len(), m)
+        FlatGraph::from_hnsw(&hnsw, vectors[0].len())
     }
 
     #[test]
