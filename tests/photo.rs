@@ -196,9 +196,9 @@ fn exif_orientation_is_applied() {
 #[test]
 fn large_jpegs_decoded_at_a_reduced_scale_give_nearly_the_same_input() {
     // Smooth colour ramps survive the DCT's down-scaling; a photo more than
-    // four times the input on both sides takes the reduced path.
+    // eight times the input on both sides takes the reduced path.
     let size = InputSize::default();
-    let (w, h) = (4 * size.width + 200, 4 * size.height + 100);
+    let (w, h) = (8 * size.width + 200, 8 * size.height + 100);
     let ramp = |x: u32, y: u32| Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, 60]);
     let upright = common::jpeg_bytes(&RgbImage::from_fn(w, h, ramp));
     // The same photo stored on its side, with EXIF saying to turn it back.
