@@ -65,6 +65,39 @@ struct Plane<'a> {
     start: usize,
 }
 
+/// One strip of one output pixel near the edge of the row, whose first
+/// tap is column `col` (possibly in the padding): one sum per kernel row,
+/// so the chain of dependent multiply-adds is K long, not K·K.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn edge_pixel<const K: usize, const FMA: bool>(
+    rows: &[Option<&[f32]>; K],
+    weights: &[[[f32; STRIP]; K]; K],
+    bias: [f32; STRIP],
+    col: isize,
+    width: usize,
+    c: usize,
+    start: usize,
+    out: &mut [f32; STRIP],
+) {
+    let (lo, hi) = inside(col, K, width);
+    let mut sums = [bias; K];
+    sums[1..].fill([0.0; STRIP]);
+    for ((row, weights), sum) in rows.iter().zip(weights).zip(sums.iter_mut()) {
+        let Some(row) = row else { continue };
+        let mut local = *sum;
+        for (kx, w) in weights.iter().enumerate().take(hi).skip(lo) {
+            let x = (col + kx as isize) as usize;
+            let v: &[f32; STRIP] = row[x * c + start..][..STRIP].try_into().expect("strip");
+            multiply_add::<STRIP, FMA>(&mut local, v, w);
+        }
+        *sum = local;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = relu6(sums.iter().map(|sum| sum[j]).sum());
+    }
+}
+
 /// Taps `lo..hi` of a kernel starting at `first` that land in `0..size`.
 fn inside(first: isize, kernel: usize, size: usize) -> (usize, usize) {
     let lo = (-first).clamp(0, kernel as isize) as usize;
@@ -220,7 +253,103 @@ impl DepthwiseKernel {
         left: usize,
         out: &mut [f32],
     ) {
+        if self.channels.is_multiple_of(STRIP) {
+            // SAFETY: passed on from the caller.
+            match self.kernel {
+                3 => return unsafe { self.strips_avx512::<3>(rows, width, left, out) },
+                5 => return unsafe { self.strips_avx512::<5>(rows, width, left, out) },
+                _ => {}
+            }
+        }
         self.row_body::<true>(rows, width, left, out)
+    }
+
+    /// [`DepthwiseKernel::strip`] for every strip of the row in AVX-512
+    /// registers: pixels whose taps all lie inside the row go eight at a
+    /// time, reading the input rows in place (no bounds check per tap);
+    /// the few at the row's ends take the edge path.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn strips_avx512<const K: usize>(
+        &self,
+        rows: &[Option<&[f32]>],
+        width: usize,
+        left: usize,
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let (c, s) = (self.channels, self.stride);
+        let out_w = out.len() / c;
+        assert_eq!(out.len(), out_w * c, "depthwise output row");
+        let rows: [Option<&[f32]>; K] = std::array::from_fn(|ky| rows[ky]);
+        // Output pixels `inner` have all K taps inside the row: the first
+        // tap's column `ox·s − left` is at least 0 and at most `width − K`.
+        let lo = left.div_ceil(s).min(out_w);
+        let hi = if width + left >= K {
+            ((width + left - K) / s + 1).clamp(lo, out_w)
+        } else {
+            lo
+        };
+        let out_ptr = out.as_mut_ptr();
+        for start in (0..c).step_by(STRIP) {
+            let weights = self.strip_weights::<K>(start);
+            let bias: [f32; STRIP] = self.bias[start..start + STRIP].try_into().expect("strip");
+            for ox in (0..lo).chain(hi..out_w) {
+                let col = (ox * s) as isize - left as isize;
+                let at = ox * c + start;
+                let pixel: &mut [f32; STRIP] =
+                    (&mut out[at..at + STRIP]).try_into().expect("strip");
+                edge_pixel::<K, true>(&rows, &weights, bias, col, width, c, start, pixel);
+            }
+            let bias = _mm512_loadu_ps(bias.as_ptr());
+            let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+            let mut ox = lo;
+            // SAFETY: for `ox` in `lo..hi` every tap's column lies in
+            // `0..width`, so each load reads inside its row (`width·c`
+            // values, checked by `row`); each store writes this strip of
+            // pixel `ox + p < hi <= out_w` inside `out`.
+            macro_rules! pixels {
+                ($n:literal) => {{
+                    let col = ox * s - left;
+                    let mut acc = [bias; $n];
+                    for ky in 0..K {
+                        let Some(row) = rows[ky] else { continue };
+                        let base = row.as_ptr().add(col * c + start);
+                        for kx in 0..K {
+                            let w = _mm512_loadu_ps(weights[ky][kx].as_ptr());
+                            for p in 0..$n {
+                                let v = _mm512_loadu_ps(base.add((p * s + kx) * c));
+                                acc[p] = _mm512_fmadd_ps(v, w, acc[p]);
+                            }
+                        }
+                    }
+                    for p in 0..$n {
+                        let v = _mm512_min_ps(_mm512_max_ps(acc[p], zero), six);
+                        _mm512_storeu_ps(out_ptr.add((ox + p) * c + start), v);
+                    }
+                }};
+            }
+            unsafe {
+                while ox + 8 <= hi {
+                    pixels!(8);
+                    ox += 8;
+                }
+                if ox + 4 <= hi {
+                    pixels!(4);
+                    ox += 4;
+                }
+                if ox + 2 <= hi {
+                    pixels!(2);
+                    ox += 2;
+                }
+                if ox < hi {
+                    pixels!(1);
+                }
+            }
+        }
     }
 
     /// # Safety
@@ -322,25 +451,9 @@ impl DepthwiseKernel {
                 ox += 4;
                 continue;
             }
-            // A pixel near the edge: one sum per kernel row, so the chain
-            // of dependent multiply-adds is K long, not K·K.
-            let (lo, hi) = inside(col, K, width);
-            let mut sums = [bias; K];
-            sums[1..].fill([0.0; STRIP]);
-            for ((row, weights), sum) in rows.iter().zip(&weights).zip(sums.iter_mut()) {
-                let Some(row) = row else { continue };
-                let mut local = *sum;
-                for (kx, w) in weights.iter().enumerate().take(hi).skip(lo) {
-                    let x = (col + kx as isize) as usize;
-                    let v: &[f32; STRIP] = row[x * c + start..][..STRIP].try_into().expect("strip");
-                    multiply_add::<STRIP, FMA>(&mut local, v, w);
-                }
-                *sum = local;
-            }
             let at = ox * c + start;
-            for (j, o) in out[at..at + STRIP].iter_mut().enumerate() {
-                *o = relu6(sums.iter().map(|sum| sum[j]).sum());
-            }
+            let pixel: &mut [f32; STRIP] = (&mut out[at..at + STRIP]).try_into().expect("strip");
+            edge_pixel::<K, FMA>(&rows, &weights, bias, col, width, c, start, pixel);
             ox += 1;
         }
     }
