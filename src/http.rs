@@ -9,9 +9,16 @@
 //! never blocks on inference, and concurrent requests are embedded together
 //! in batches of up to [`MAX_BATCH`]. At most `queue` identify requests are
 //! in progress at once; the next one is answered 503 with `Retry-After`
-//! before its body is read, instead of queueing without bound. Photos are
-//! decoded and resized on actix's blocking pool, at a lower scheduling
-//! priority than the model's threads (on Linux).
+//! before its body is read, instead of queueing without bound.
+//!
+//! The model thread also decodes and resizes the batch's photos (on rayon's
+//! pool), before the forward pass rather than beside it. A forward pass
+//! keeps every core busy on two threads that wait for each other at every
+//! layer; a decode running meanwhile takes a core from one of them for a
+//! time slice and stalls both, which was where the slowest requests' time
+//! went. Taking turns costs no throughput on two cores (the network leaves
+//! no idle core to decode on) and keeps a request's latency to the batch
+//! it waits for and its own.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -32,30 +39,6 @@ use utoipa::{OpenApi, ToSchema};
 use crate::catalog::Sighting;
 use crate::identify::{Identifier, Prediction};
 use crate::photo::{self, DecodeLimits, PhotoError};
-
-/// Lowers the calling thread's priority (`nice` 10) the first time it is
-/// called on that thread. A forward pass runs on two threads that wait for
-/// each other at every layer, so a decoding thread that takes a core from
-/// one of them for a time slice stalls both; at a lower priority decoding
-/// runs in the time the model leaves idle. Only lowering needs no
-/// privileges. Elsewhere than Linux, nothing changes.
-fn yield_to_the_model() {
-    #[cfg(target_os = "linux")]
-    {
-        thread_local! {
-            static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-        }
-        if !LOWERED.with(|lowered| lowered.replace(true)) {
-            // SAFETY: plain system calls on this thread's own id.
-            let failed = unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) != 0
-            };
-            if failed {
-                tracing::debug!("could not lower a decoding thread's priority");
-            }
-        }
-    }
-}
 
 /// Largest number of queued photos embedded in one forward pass.
 pub const MAX_BATCH: usize = 8;
@@ -173,19 +156,35 @@ impl ResponseError for ApiError {
     }
 }
 
-/// One photo waiting for the model, already resized and scaled.
+/// One photo waiting for the model, as uploaded.
 struct Job {
-    input: Vec<f32>,
+    bytes: Vec<u8>,
     queued: Instant,
-    reply: oneshot::Sender<Result<Inference, String>>,
+    reply: oneshot::Sender<Result<Inference, JobError>>,
 }
 
 /// What the model thread answers for one photo.
 struct Inference {
     predictions: Vec<Prediction>,
     queue_ms: f64,
+    decode_ms: f64,
     inference_ms: f64,
     batch: usize,
+}
+
+/// Why the model thread could not identify a photo.
+enum JobError {
+    Photo(PhotoError),
+    Internal(String),
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Photo(e) => Self::Photo(e),
+            JobError::Internal(e) => Self::Internal(e),
+        }
+    }
 }
 
 /// The state the handlers share.
@@ -227,8 +226,19 @@ impl Service {
         service
     }
 
-    /// Makes the service ready with a loaded catalog and model.
+    /// Makes the service ready with a loaded catalog and model, after one
+    /// forward pass of a full batch: the pass's buffers grow to the largest
+    /// batch they will hold, and first touching ~200 MiB of fresh pages took
+    /// 0.7–1.2 s on the project's VM, which the first busy moment's requests
+    /// would otherwise wait for.
     pub fn set_ready(&self, identifier: Identifier) {
+        let started = Instant::now();
+        let input = identifier.embedder().input();
+        let blank = vec![0f32; 3 * (input.width * input.height) as usize];
+        if let Err(e) = identifier.embedder().embed_inputs(&vec![blank; MAX_BATCH]) {
+            tracing::warn!(error = %e, "warm-up pass failed");
+        }
+        tracing::info!(batch = MAX_BATCH, ms = ms(started), "warmed up");
         tracing::info!(
             sightings = identifier.sightings(),
             whales = identifier.whales(),
@@ -267,9 +277,11 @@ impl Service {
     }
 }
 
-/// The model thread: takes the first waiting photo, any others already
-/// queued up to [`MAX_BATCH`], and embeds them in one pass.
+/// The model thread: takes the first waiting photo and any others already
+/// queued, up to [`MAX_BATCH`], decodes them, and embeds those that decoded
+/// in one pass.
 fn run_model(service: std::sync::Weak<Service>, queue: Receiver<Job>) {
+    use rayon::prelude::*;
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -283,34 +295,58 @@ fn run_model(service: std::sync::Weak<Service>, queue: Receiver<Job>) {
         };
         let Some(identifier) = service.identifier.get().cloned() else {
             for job in batch {
-                let _ = job.reply.send(Err("not ready".into()));
+                let _ = job.reply.send(Err(JobError::Internal("not ready".into())));
             }
             continue;
         };
+        let limits = service.options.decode;
         drop(service);
 
+        let decode_started = Instant::now();
+        let size = identifier.embedder().input();
+        let decoded: Vec<(Result<Vec<f32>, PhotoError>, f64)> = batch
+            .par_iter()
+            .map(|job| {
+                let started = Instant::now();
+                (photo::prepare(&job.bytes, limits, size), ms(started))
+            })
+            .collect();
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::with_capacity(batch.len());
+        for (job, (input, decode_ms)) in batch.into_iter().zip(decoded) {
+            let queue_ms = round_ms((decode_started - job.queued).as_secs_f64() * 1e3);
+            match input {
+                Ok(input) => {
+                    inputs.push(input);
+                    waiting.push((job.reply, queue_ms, decode_ms));
+                }
+                Err(e) => {
+                    let _ = job.reply.send(Err(JobError::Photo(e)));
+                }
+            }
+        }
+        if inputs.is_empty() {
+            continue;
+        }
+
         let started = Instant::now();
-        let size = batch.len();
-        let (inputs, meta): (Vec<Vec<f32>>, Vec<_>) = batch
-            .into_iter()
-            .map(|j| (j.input, (j.queued, j.reply)))
-            .unzip();
         let result = identifier.identify_inputs(&inputs);
         let inference_ms = ms(started);
         match result {
             Ok(all) => {
-                for (predictions, (queued, reply)) in all.into_iter().zip(meta) {
+                for (predictions, (reply, queue_ms, decode_ms)) in all.into_iter().zip(waiting) {
                     let _ = reply.send(Ok(Inference {
                         predictions,
-                        queue_ms: round_ms((started - queued).as_secs_f64() * 1e3),
+                        queue_ms,
+                        decode_ms,
                         inference_ms,
-                        batch: size,
+                        batch: inputs.len(),
                     }));
                 }
             }
             Err(e) => {
-                for (_, reply) in meta {
-                    let _ = reply.send(Err(e.to_string()));
+                for (reply, ..) in waiting {
+                    let _ = reply.send(Err(JobError::Internal(e.to_string())));
                 }
             }
         }
@@ -331,10 +367,11 @@ fn round_ms(ms: f64) -> f64 {
 pub struct Timings {
     /// Reading the upload.
     pub upload_ms: f64,
-    /// Decoding, checking and resizing the photo.
-    pub decode_ms: f64,
-    /// Waiting for the model.
+    /// Waiting for the model thread.
     pub queue_ms: f64,
+    /// Decoding, checking and resizing the photo (on the model thread,
+    /// beside the batch's other photos).
+    pub decode_ms: f64,
     /// Embedding the batch this photo was in, and the index search.
     pub inference_ms: f64,
     pub total_ms: f64,
@@ -422,22 +459,9 @@ async fn identify(
     let bytes = read_image_field(payload, limit).await?;
     let upload_ms = ms(started);
 
-    let decode_started = Instant::now();
-    let limits = service.options.decode;
-    let size = identifier.embedder().input();
-    // Resizing a camera frame costs as much as decoding it; both stay off
-    // the model thread.
-    let input = web::block(move || {
-        yield_to_the_model();
-        photo::prepare(&bytes, limits, size)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let decode_ms = ms(decode_started);
-
     let (reply, answer) = oneshot::channel();
     let job = Job {
-        input,
+        bytes,
         queued: Instant::now(),
         reply,
     };
@@ -450,8 +474,7 @@ async fn identify(
     }
     let inference = answer
         .await
-        .map_err(|_| ApiError::Internal("model thread dropped the request".into()))?
-        .map_err(ApiError::Internal)?;
+        .map_err(|_| ApiError::Internal("model thread dropped the request".into()))??;
 
     Ok(HttpResponse::Ok().json(IdentifyResponse {
         predictions: inference.predictions,
@@ -462,7 +485,7 @@ async fn identify(
         },
         timings: Timings {
             upload_ms,
-            decode_ms,
+            decode_ms: inference.decode_ms,
             queue_ms: inference.queue_ms,
             inference_ms: inference.inference_ms,
             total_ms: ms(started),

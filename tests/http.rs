@@ -125,6 +125,39 @@ async fn identify_returns_the_resighted_whale_first() {
 }
 
 #[actix_web::test]
+async fn a_bad_photo_queued_beside_good_ones_fails_alone() {
+    // The model thread decodes the photos it batches together; one that
+    // does not decode is answered with its error, the others identified.
+    let service = ready_service(ServeOptions::default());
+    let app = app!(service);
+    let (one, three) = (
+        common::jpeg_bytes(&common::resighting(1)),
+        common::jpeg_bytes(&common::resighting(3)),
+    );
+    let truncated = one[..one.len() / 2].to_vec();
+    let (a, b, c) = futures_util::future::join3(
+        test::call_service(&app, photo(&one).to_request()),
+        test::call_service(&app, photo(&truncated).to_request()),
+        test::call_service(&app, photo(&three).to_request()),
+    )
+    .await;
+    for (response, whale) in [(a, "w_1"), (c, "w_3")] {
+        let (status, body) = json(response).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["predictions"][0]["whale_id"], whale, "{body}");
+        let timings = &body["timings"];
+        assert!(timings["decode_ms"].as_f64().unwrap() > 0.0, "{body}");
+        assert!(
+            timings["batch"]
+                .as_u64()
+                .is_some_and(|n| (1..=2).contains(&n)),
+            "{body}"
+        );
+    }
+    expect_error(b, StatusCode::UNPROCESSABLE_ENTITY, "undecodable_image").await;
+}
+
+#[actix_web::test]
 async fn new_whale_sits_where_scores_cross_the_threshold() {
     let service = ready_service(ServeOptions::default());
     let app = app!(service);
