@@ -74,8 +74,8 @@ else:
               f"ratio {own['queries_per_second'] / mark['queries_per_second']:.2f}")
 print()
 
-def row(name, key, unit, scale=1.0, digits=1):
-    a, b = ours[key], peer[key]
+def row(name, key, unit, scale=1.0, digits=1, peer_key=None):
+    a, b = ours[key], peer[peer_key or key]
     if a is None or b is None:
         print(f"{name:<22} {'n/a':>12} {'n/a':>12}")
         return
@@ -88,6 +88,11 @@ row("memory per vector", "memory_bytes_per_vector", "B (resident-set growth)", d
 row("saved size per vector", "saved_bytes", "B", scale=1 / ours["vectors"], digits=0)
 row("save", "save_seconds", "s", digits=2)
 row("reload", "load_seconds", "s", digits=2)
+row("reload, search only", "search_load_seconds", "s (hnswlib: its one reload)", digits=2,
+    peer_key="load_seconds")
+row("memory, search only", "search_memory_bytes_per_vector",
+    "B (the search copy's arrays; hnswlib: resident-set growth of its build)", digits=0,
+    peer_key="memory_bytes_per_vector")
 print(f"reloaded recall@10 at ef {ours['searches'][-1]['ef']}: flukeid "
       f"{ours['reloaded_recall_at_10']:.4f} (built {ours['searches'][-1]['recall_at_10']:.4f}), "
       f"hnswlib {peer['reloaded_recall_at_10']:.4f} (built {peer['searches'][-1]['recall_at_10']:.4f})")

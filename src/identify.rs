@@ -148,7 +148,7 @@ impl Identifier {
             max_id: rows.iter().map(|(s, _)| s.id).max().unwrap_or(0),
             dim: embedder.dim(),
         };
-        let index = match VectorIndex::load(dir, expected)? {
+        let index = match VectorIndex::load_searchable(dir, expected)? {
             Some(index) => index,
             None => {
                 let items: Vec<(i64, &[f32])> =

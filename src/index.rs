@@ -5,10 +5,12 @@
 //!
 //! hnsw_rs builds the graph, takes inserts and saves it; searches walk a
 //! copy in flat arrays with re-selected links ([`graph`]), made after every
-//! insert and load. The copy costs memory and about 25 s per million
-//! vectors on two cores each time it is made; it searches three to four
-//! times as fast as hnsw_rs's own search of its graph, with a better
-//! recall at the same `ef` (`docs/benchmarks.md`).
+//! insert (about 25 s per million vectors on two cores) and saved beside
+//! hnsw_rs's files. It searches three to four times as fast as hnsw_rs's
+//! own search of its graph, with a better recall at the same `ef`
+//! (`docs/benchmarks.md`). A process that only searches (the server,
+//! scoring) loads the copy alone ([`VectorIndex::load_searchable`]); one
+//! that inserts loads both.
 //!
 //! The catalog database is the source of truth. The saved graph carries a
 //! manifest with the number of sightings and the largest sighting id it
@@ -30,6 +32,8 @@ use graph::FlatGraph;
 pub const INDEX_DIR: &str = "hnsw";
 const BASENAME: &str = "sightings";
 const MANIFEST: &str = "manifest.json";
+/// The saved search copy, beside hnsw_rs's files.
+const GRAPH: &str = "search-graph.bin";
 
 /// Links per node. 16 is the usual trade-off between recall and memory.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -162,6 +166,8 @@ pub enum IndexError {
     },
     #[error("index {path}: {reason}")]
     Hnsw { path: PathBuf, reason: String },
+    #[error("index loaded for searching only; load it with VectorIndex::load to {0}")]
+    SearchOnly(&'static str),
 }
 
 /// What a saved graph holds, to check it against the catalog.
@@ -183,8 +189,9 @@ pub struct Hit {
 /// An in-memory HNSW graph of sighting embeddings.
 pub struct VectorIndex {
     /// The graph of record: inserts go here, and it is what is saved.
-    hnsw: Hnsw<'static, f32, UnitDot>,
-    /// The copy searches walk, remade after every insert and load.
+    /// `None` in an index loaded for searching only.
+    hnsw: Option<Hnsw<'static, f32, UnitDot>>,
+    /// The copy searches walk, remade after every insert.
     flat: FlatGraph,
     manifest: Manifest,
 }
@@ -209,7 +216,7 @@ impl VectorIndex {
         );
         let flat = FlatGraph::from_hnsw(&hnsw, dim);
         Self {
-            hnsw,
+            hnsw: Some(hnsw),
             flat,
             manifest: Manifest {
                 count: 0,
@@ -222,28 +229,39 @@ impl VectorIndex {
     /// Builds an index from `(sighting id, vector)` pairs.
     pub fn build(dim: usize, items: &[(i64, &[f32])]) -> Self {
         let mut index = Self::new(dim, items.len());
-        index.insert(items);
+        index
+            .insert(items)
+            .expect("a new index has hnsw_rs's graph");
         index
     }
 
-    /// Adds `(sighting id, vector)` pairs, in parallel.
-    pub fn insert(&mut self, items: &[(i64, &[f32])]) {
+    /// Adds `(sighting id, vector)` pairs, in parallel. Fails on an index
+    /// loaded for searching only.
+    pub fn insert(&mut self, items: &[(i64, &[f32])]) -> Result<(), IndexError> {
+        let hnsw = self.hnsw.as_mut().ok_or(IndexError::SearchOnly("insert"))?;
         if items.is_empty() {
-            return;
+            return Ok(());
         }
         let data: Vec<(&[f32], usize)> = items.iter().map(|(id, v)| (*v, *id as usize)).collect();
-        self.hnsw.parallel_insert_slice(&data);
-        self.flat = FlatGraph::from_hnsw(&self.hnsw, self.manifest.dim);
+        hnsw.parallel_insert_slice(&data);
+        self.flat = FlatGraph::from_hnsw(hnsw, self.manifest.dim);
         self.manifest.count += items.len();
         self.manifest.max_id = items
             .iter()
             .map(|(id, _)| *id)
             .fold(self.manifest.max_id, i64::max);
+        Ok(())
     }
 
     /// What the index holds.
     pub fn manifest(&self) -> Manifest {
         self.manifest
+    }
+
+    /// Bytes of the search copy's arrays: all a searchable index loaded
+    /// with [`VectorIndex::load_searchable`] holds, beside small headers.
+    pub fn search_copy_bytes(&self) -> usize {
+        self.flat.bytes()
     }
 
     /// Number of indexed vectors.
@@ -280,10 +298,12 @@ impl VectorIndex {
             .collect()
     }
 
-    /// Saves the graph to `catalog/hnsw/`. It is written to a temporary
-    /// folder first and swapped in, so a crash leaves the old one or the new
-    /// one, never a mix.
+    /// Saves the graph and its search copy to `catalog/hnsw/`. They are
+    /// written to a temporary folder first and swapped in, so a crash
+    /// leaves the old ones or the new ones, never a mix. Fails on an index
+    /// loaded for searching only.
     pub fn save(&self, catalog: &Path) -> Result<(), IndexError> {
+        let hnsw = self.hnsw.as_ref().ok_or(IndexError::SearchOnly("save"))?;
         let target = catalog.join(INDEX_DIR);
         let partial = catalog.join(format!("{INDEX_DIR}.partial"));
         let old = catalog.join(format!("{INDEX_DIR}.old"));
@@ -295,8 +315,7 @@ impl VectorIndex {
         std::fs::create_dir_all(&partial).map_err(io(&partial))?;
 
         if !self.is_empty() {
-            let name = self
-                .hnsw
+            let name = hnsw
                 .file_dump(&partial, BASENAME)
                 .map_err(|e| IndexError::Hnsw {
                     path: partial.clone(),
@@ -313,6 +332,13 @@ impl VectorIndex {
             manifest: self.manifest,
             distance: DISTANCE.to_owned(),
         };
+        let graph = partial.join(GRAPH);
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&graph).map_err(io(&graph))?);
+        self.flat.write(&mut out).map_err(io(&graph))?;
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
+            .map_err(io(&graph))?;
         let manifest = serde_json::to_vec_pretty(&saved).expect("manifest serialises");
         std::fs::write(partial.join(MANIFEST), manifest).map_err(io(&partial))?;
 
@@ -325,20 +351,53 @@ impl VectorIndex {
         Ok(())
     }
 
-    /// Loads the saved graph when its manifest equals `expected`; `None`
-    /// when there is none or it is stale.
+    /// The saved manifest when it equals `expected`.
+    fn current_manifest(dir: &Path, expected: Manifest) -> Option<Manifest> {
+        let bytes = std::fs::read(dir.join(MANIFEST)).ok()?;
+        let saved = serde_json::from_slice::<Saved>(&bytes).ok()?;
+        (saved.manifest == expected && saved.distance == DISTANCE).then_some(saved.manifest)
+    }
+
+    /// Loads the saved search copy alone when the manifest equals
+    /// `expected`: a fraction of the memory and load time of
+    /// [`VectorIndex::load`], for a process that only searches. A copy
+    /// that is missing (saved by an older version) or damaged is remade
+    /// from hnsw_rs's graph, as `load` does. `None` when the saved index is
+    /// missing or stale.
+    pub fn load_searchable(catalog: &Path, expected: Manifest) -> Result<Option<Self>, IndexError> {
+        let dir = catalog.join(INDEX_DIR);
+        let Some(manifest) = Self::current_manifest(&dir, expected) else {
+            return Ok(None);
+        };
+        let path = dir.join(GRAPH);
+        let read = std::fs::File::open(&path)
+            .map_err(graph::GraphFileError::from)
+            .and_then(|file| FlatGraph::read(&mut std::io::BufReader::new(file)));
+        match read {
+            Ok(flat) if flat.len() == manifest.count && flat.dim() == manifest.dim => {
+                return Ok(Some(Self {
+                    hnsw: None,
+                    flat,
+                    manifest,
+                }));
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "search graph does not match the manifest; remaking it")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "search graph unreadable; remaking it")
+            }
+        }
+        Self::load(catalog, expected)
+    }
+
+    /// Loads the saved graph, for inserting, when its manifest equals
+    /// `expected`; `None` when there is none or it is stale.
     pub fn load(catalog: &Path, expected: Manifest) -> Result<Option<Self>, IndexError> {
         let dir = catalog.join(INDEX_DIR);
-        let Ok(bytes) = std::fs::read(dir.join(MANIFEST)) else {
+        let Some(manifest) = Self::current_manifest(&dir, expected) else {
             return Ok(None);
         };
-        let Ok(saved) = serde_json::from_slice::<Saved>(&bytes) else {
-            return Ok(None);
-        };
-        let manifest = saved.manifest;
-        if manifest != expected || saved.distance != DISTANCE {
-            return Ok(None);
-        }
         if manifest.count == 0 {
             return Ok(Some(Self::new(manifest.dim, 0)));
         }
@@ -356,7 +415,7 @@ impl VectorIndex {
         }
         let flat = FlatGraph::from_hnsw(&hnsw, manifest.dim);
         Ok(Some(Self {
-            hnsw,
+            hnsw: Some(hnsw),
             flat,
             manifest,
         }))
@@ -419,6 +478,58 @@ mod tests {
         assert!(VectorIndex::load(dir.path(), index.manifest())
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn the_saved_search_copy_loads_alone_and_answers_as_the_full_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let vectors: Vec<Vec<f32>> = (0..300)
+            .map(|i| {
+                let t = i as f32 * 0.37;
+                unit(&[t.sin(), t.cos(), (3.0 * t).sin(), 0.01 * i as f32])
+            })
+            .collect();
+        let items: Vec<(i64, &[f32])> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (10 * i as i64, v.as_slice()))
+            .collect();
+        let index = VectorIndex::build(4, &items);
+        index.save(dir.path()).unwrap();
+        let manifest = index.manifest();
+
+        let mut searchable = VectorIndex::load_searchable(dir.path(), manifest)
+            .unwrap()
+            .unwrap();
+        assert!(searchable.hnsw.is_none(), "loaded without hnsw_rs's graph");
+        for query in vectors.iter().step_by(7) {
+            assert_eq!(searchable.search(query, 10), index.search(query, 10));
+        }
+        assert!(matches!(
+            searchable.insert(&items[..1]),
+            Err(IndexError::SearchOnly("insert"))
+        ));
+        assert!(matches!(
+            searchable.save(dir.path()),
+            Err(IndexError::SearchOnly("save"))
+        ));
+        let stale = Manifest {
+            count: 299,
+            ..manifest
+        };
+        assert!(VectorIndex::load_searchable(dir.path(), stale)
+            .unwrap()
+            .is_none());
+
+        // A damaged copy is remade from hnsw_rs's graph.
+        let graph = dir.path().join(INDEX_DIR).join(GRAPH);
+        let bytes = std::fs::read(&graph).unwrap();
+        std::fs::write(&graph, &bytes[..bytes.len() - 5]).unwrap();
+        let remade = VectorIndex::load_searchable(dir.path(), manifest)
+            .unwrap()
+            .unwrap();
+        assert!(remade.hnsw.is_some());
+        assert_eq!(remade.search(&vectors[3], 5), index.search(&vectors[3], 5));
     }
 
     #[test]

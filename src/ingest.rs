@@ -201,7 +201,7 @@ fn update_index(
                 .zip(new)
                 .map(|(id, s)| (*id, s.embedding.as_slice()))
                 .collect();
-            index.insert(&items);
+            index.insert(&items)?;
             index
         }
         None => {

@@ -164,6 +164,19 @@ impl FlatGraph {
         self.ids.len()
     }
 
+    /// Values per vector.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Bytes the copy's arrays hold.
+    pub fn bytes(&self) -> usize {
+        self.vectors.len() * size_of::<f32>()
+            + self.ids.len() * size_of::<i64>()
+            + (self.base_links.len() + self.upper_start.len() + self.upper_links.len())
+                * size_of::<u32>()
+    }
+
     /// The id `node` was inserted with.
     pub fn id(&self, node: u32) -> i64 {
         self.ids[node as usize]
@@ -356,6 +369,149 @@ impl FlatGraph {
         };
         &list[1..1 + list[0] as usize]
     }
+}
+
+/// First bytes of a saved copy, with the format's version.
+const MAGIC: &[u8; 8] = b"FLUKEIDG";
+const VERSION: u32 = 1;
+
+/// Why a saved copy could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphFileError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a saved search graph, or of another version")]
+    Format,
+    #[error("inconsistent saved graph: {0}")]
+    Inconsistent(&'static str),
+}
+
+impl FlatGraph {
+    /// Writes the copy: a header, then each array in little-endian order.
+    pub fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        let (entry, layer) = self.entry.map_or((u32::MAX, 0), |(n, l)| (n, l));
+        for v in [
+            self.dim as u64,
+            self.max_connections as u64,
+            self.ids.len() as u64,
+            self.upper_links.len() as u64,
+            u64::from(entry),
+            u64::from(layer),
+        ] {
+            out.write_all(&v.to_le_bytes())?;
+        }
+        write_values(out, &self.vectors, f32::to_le_bytes)?;
+        write_values(out, &self.ids, i64::to_le_bytes)?;
+        write_values(out, &self.base_links, u32::to_le_bytes)?;
+        write_values(out, &self.upper_start, u32::to_le_bytes)?;
+        write_values(out, &self.upper_links, u32::to_le_bytes)
+    }
+
+    /// Reads what [`FlatGraph::write`] wrote, checking that every array
+    /// has its length and every link names a node, so that a damaged file
+    /// cannot make a search read out of bounds.
+    pub fn read(input: &mut impl std::io::Read) -> Result<Self, GraphFileError> {
+        let mut magic = [0u8; 12];
+        input.read_exact(&mut magic)?;
+        if magic[..8] != MAGIC[..] || magic[8..] != VERSION.to_le_bytes() {
+            return Err(GraphFileError::Format);
+        }
+        let mut header = [0u64; 6];
+        for v in &mut header {
+            let mut bytes = [0u8; 8];
+            input.read_exact(&mut bytes)?;
+            *v = u64::from_le_bytes(bytes);
+        }
+        let size = |v: u64| usize::try_from(v).map_err(|_| GraphFileError::Format);
+        let [dim, m, len, upper_len, entry, layer] = header;
+        let (dim, m, len, upper_len) = (size(dim)?, size(m)?, size(len)?, size(upper_len)?);
+        if dim == 0 || m == 0 || len >= u32::MAX as usize {
+            return Err(GraphFileError::Inconsistent("sizes"));
+        }
+        let stride = 1 + 2 * m;
+        let vectors = read_values(input, len * dim, f32::from_le_bytes)?;
+        let ids = read_values(input, len, i64::from_le_bytes)?;
+        let base_links = read_values(input, len * stride, u32::from_le_bytes)?;
+        let upper_start = read_values(input, len, u32::from_le_bytes)?;
+        let upper_links = read_values(input, upper_len, u32::from_le_bytes)?;
+        let entry = if len == 0 {
+            None
+        } else if entry < len as u64 && layer <= u64::from(u8::MAX) {
+            Some((entry as u32, layer as u8))
+        } else {
+            return Err(GraphFileError::Inconsistent("entry node"));
+        };
+        let lists_fit = |links: &[u32], width: usize| {
+            links.chunks(1 + width).all(|list| {
+                (list[0] as usize) < list.len()
+                    && list[1..=list[0] as usize]
+                        .iter()
+                        .all(|&n| (n as usize) < len)
+            })
+        };
+        if !lists_fit(&base_links, 2 * m) || !lists_fit(&upper_links, m) {
+            return Err(GraphFileError::Inconsistent("links"));
+        }
+        let starts_fit = upper_start.windows(2).all(|w| w[0] <= w[1])
+            && upper_start.iter().all(|&s| s as usize <= upper_len)
+            && upper_start
+                .iter()
+                .all(|&s| (s as usize).is_multiple_of(1 + m));
+        if !starts_fit || !upper_len.is_multiple_of(1 + m) {
+            return Err(GraphFileError::Inconsistent("upper layers"));
+        }
+        let mut rest = [0u8; 1];
+        if input.read(&mut rest)? != 0 {
+            return Err(GraphFileError::Inconsistent("bytes after the end"));
+        }
+        Ok(Self {
+            dim,
+            max_connections: m,
+            vectors,
+            ids,
+            base_links,
+            upper_start,
+            upper_links,
+            entry,
+        })
+    }
+}
+
+fn write_values<T: Copy, const N: usize>(
+    out: &mut impl std::io::Write,
+    values: &[T],
+    bytes: fn(T) -> [u8; N],
+) -> std::io::Result<()> {
+    let mut buffer = Vec::with_capacity(N * 4096);
+    for chunk in values.chunks(4096) {
+        buffer.clear();
+        buffer.extend(chunk.iter().flat_map(|&v| bytes(v)));
+        out.write_all(&buffer)?;
+    }
+    Ok(())
+}
+
+fn read_values<T, const N: usize>(
+    input: &mut impl std::io::Read,
+    count: usize,
+    value: fn([u8; N]) -> T,
+) -> Result<Vec<T>, GraphFileError> {
+    let mut out = Vec::with_capacity(count.min(1 << 28));
+    let mut buffer = vec![0u8; N * 4096];
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(4096);
+        input.read_exact(&mut buffer[..n * N])?;
+        out.extend(
+            buffer[..n * N]
+                .chunks_exact(N)
+                .map(|b| value(b.try_into().expect("N bytes"))),
+        );
+        left -= n;
+    }
+    Ok(out)
 }
 
 /// Writes `list` into `slots` as its length and then its nodes.
@@ -553,5 +709,49 @@ mod tests {
         candidates.sort_unstable();
         assert_eq!(graph.select(&candidates, 3), vec![1, 3]);
         assert_eq!(graph.select(&candidates, 1), vec![1]);
+    }
+
+    #[test]
+    fn a_written_copy_reads_back_the_same_and_a_damaged_one_is_refused() {
+        let vectors = clustered(400, 8);
+        let graph = built(&vectors, 8);
+        let mut bytes = Vec::new();
+        graph.write(&mut bytes).unwrap();
+        let read = FlatGraph::read(&mut bytes.as_slice()).unwrap();
+        assert_eq!(read.vectors, graph.vectors);
+        assert_eq!(read.ids, graph.ids);
+        assert_eq!(read.base_links, graph.base_links);
+        assert_eq!(read.upper_start, graph.upper_start);
+        assert_eq!(read.upper_links, graph.upper_links);
+        assert_eq!(read.entry, graph.entry);
+        assert_eq!(
+            read.search(&vectors[9], 10, 64),
+            graph.search(&vectors[9], 10, 64)
+        );
+
+        // Cut short, another format, or a link to a node that is not there.
+        let cut = &bytes[..bytes.len() - 1];
+        assert!(matches!(
+            FlatGraph::read(&mut &cut[..]),
+            Err(GraphFileError::Io(_))
+        ));
+        let mut other = bytes.clone();
+        other[0] = b'X';
+        assert!(matches!(
+            FlatGraph::read(&mut other.as_slice()),
+            Err(GraphFileError::Format)
+        ));
+        let header = 12 + 6 * 8;
+        let links_at = header + graph.vectors.len() * 4 + graph.ids.len() * 8;
+        let mut bad = bytes.clone();
+        bad[links_at + 4..links_at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(graph.base_links[0] > 0, "node 0 has links");
+        assert!(matches!(
+            FlatGraph::read(&mut bad.as_slice()),
+            Err(GraphFileError::Inconsistent("links"))
+        ));
+        let mut longer = bytes;
+        longer.push(0);
+        assert!(FlatGraph::read(&mut longer.as_slice()).is_err());
     }
 }
