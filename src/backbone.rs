@@ -17,9 +17,7 @@ use std::time::Instant;
 use candle_core::{CpuStorage, DType, Device, Module, Tensor, D};
 
 use crate::kernels::team::{self, Member, Shared};
-use crate::kernels::{
-    same_padding, DepthwiseKernel, Isa, PointwiseKernel, StemKernel, ITEMS_PER_THREAD,
-};
+use crate::kernels::{same_padding, DepthwiseKernel, Isa, PointwiseKernel, StemKernel};
 use crate::weights::{self, WeightsError};
 
 /// The BatchNorm epsilon of the TensorFlow original (PyTorch's default,
@@ -512,12 +510,10 @@ fn pointwise_phase(
     // is split into groups of panels as well.
     let by_panels = splits_by_panels(kernel, pixels, threads);
     let groups = if by_panels {
-        threads * (ITEMS_PER_THREAD * threads).div_ceil(chunks * threads)
+        threads * (4 * threads).div_ceil(chunks * threads)
     } else {
         (1..=kernel.panels())
-            .find(|g| {
-                chunks * g >= ITEMS_PER_THREAD * threads && (chunks * g).is_multiple_of(threads)
-            })
+            .find(|g| chunks * g >= 4 * threads && (chunks * g).is_multiple_of(threads))
             .unwrap_or(1)
     };
     let per_group = kernel.panels().div_ceil(groups.min(kernel.panels()));

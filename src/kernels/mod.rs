@@ -21,13 +21,6 @@ pub use depthwise::DepthwiseKernel;
 pub use pointwise::PointwiseKernel;
 pub use stem::StemKernel;
 
-/// Work items a layer is cut into per thread. A layer ends when its last
-/// item does, and the others wait for it at the team's barrier; at batch 1
-/// the layers are small, and eight items per thread against four took
-/// 8.07 against 8.18 ms per pass (median of six alternated runs each, a
-/// difference inside this machine's noise; batch 8 unchanged).
-pub const ITEMS_PER_THREAD: usize = 8;
-
 /// Output size and the padding before the first row or column, following
 /// TensorFlow's "SAME" rule: `out = ceil(in / stride)`, the total padding is
 /// split with the smaller half on the top/left.

@@ -129,9 +129,7 @@ impl PointwiseKernel {
     /// balance `threads`, each a whole number of register tiles.
     pub fn chunk_rows(&self, isa: Isa, rows: usize, threads: usize) -> usize {
         let mr = tile_rows(isa);
-        mr * rows
-            .div_ceil(mr * threads * super::ITEMS_PER_THREAD)
-            .clamp(1, 16)
+        mr * rows.div_ceil(mr * threads * 4).clamp(1, 16)
     }
 
     /// [`PointwiseKernel::run`] on the calling thread only.
