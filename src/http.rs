@@ -498,9 +498,16 @@ async fn identify(
 /// against `limit`. Other non-file fields are ignored.
 async fn read_image_field(mut payload: Multipart, limit: usize) -> Result<Vec<u8>, ApiError> {
     fn malformed(e: actix_multipart::MultipartError) -> ApiError {
+        use actix_multipart::MultipartError as E;
+        let why = match e {
+            E::ContentTypeMissing => "the request has no Content-Type header".to_string(),
+            E::ContentTypeIncompatible => "its Content-Type is not multipart/form-data".to_string(),
+            E::BoundaryMissing => "its Content-Type names no multipart boundary".to_string(),
+            other => format!("this body could not be read as one: {other}"),
+        };
         ApiError::BadRequest(format!(
             "expected a multipart/form-data body with the photo in a file field named `image` \
-             (curl -F image=@photo.jpg); this body could not be read as one: {e}"
+             (curl -F image=@photo.jpg); {why}"
         ))
     }
     let mut image: Option<Vec<u8>> = None;

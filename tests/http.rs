@@ -303,6 +303,27 @@ async fn bad_uploads_get_json_errors_and_leave_the_catalog_unchanged() {
     )
     .await;
 
+    // A body that is not multipart says what is wrong with it in words.
+    for (content_type, why) in [
+        (
+            Some("application/json"),
+            "Content-Type is not multipart/form-data",
+        ),
+        (None, "no Content-Type header"),
+    ] {
+        let mut request = TestRequest::post().uri("/v1/identify").set_payload("{}");
+        if let Some(content_type) = content_type {
+            request = request.insert_header(("content-type", content_type));
+        }
+        let (status, body) = json(test::call_service(&app, request.to_request()).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(
+            error.contains(why) && error.contains("curl -F image=@"),
+            "{body}"
+        );
+    }
+
     // Still serving after every error.
     let (status, body) = json(test::call_service(&app, photo(&good).to_request()).await).await;
     assert_eq!(status, StatusCode::OK, "{body}");
