@@ -1,5 +1,6 @@
 //! Milliseconds per photo spent reading, decoding and resizing, one core:
-//! the CPU the scoring pipeline spends beside the network.
+//! the CPU the scoring pipeline spends beside the network; then the median
+//! photo and the slowest, as the pipeline prepares them.
 //!
 //!     cargo run --release --example decode_cost -- DIR [MAX_PHOTOS]
 use std::time::Instant;
@@ -19,6 +20,7 @@ fn main() {
     paths.sort();
     paths.truncate(max);
     let (mut read, mut decode, mut resize, mut prepare) = (0.0, 0.0, 0.0, 0.0);
+    let mut each = Vec::with_capacity(paths.len());
     for path in &paths {
         let t = Instant::now();
         let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -34,8 +36,10 @@ fn main() {
         let t = Instant::now();
         let prepared = flukeid::photo::prepare(&bytes, Default::default(), Default::default())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        prepare += t.elapsed().as_secs_f64();
+        let spent = t.elapsed().as_secs_f64();
+        prepare += spent;
         assert_eq!(prepared.len(), input.len());
+        each.push((spent, path, image.width(), image.height()));
     }
     let n = paths.len().max(1) as f64;
     println!(
@@ -47,4 +51,15 @@ fn main() {
         resize / n * 1e3,
         prepare / n * 1e3
     );
+    each.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some(median) = each.get(each.len() / 2) {
+        println!("prepared: median {:.2} ms", median.0 * 1e3);
+    }
+    for (spent, path, width, height) in each.iter().rev().take(3) {
+        println!(
+            "  slow: {:.2} ms {} ({width}x{height})",
+            spent * 1e3,
+            path.display()
+        );
+    }
 }
