@@ -427,13 +427,19 @@ impl FlatGraph {
         let size = |v: u64| usize::try_from(v).map_err(|_| GraphFileError::Format);
         let [dim, m, len, upper_len, entry, layer] = header;
         let (dim, m, len, upper_len) = (size(dim)?, size(m)?, size(len)?, size(upper_len)?);
+        // Sizes from a damaged header must not wrap around: a short array
+        // would pass the checks below and be indexed past its end.
+        let product = |a: usize, b: usize| {
+            a.checked_mul(b)
+                .ok_or(GraphFileError::Inconsistent("sizes"))
+        };
         if dim == 0 || m == 0 || len >= u32::MAX as usize {
             return Err(GraphFileError::Inconsistent("sizes"));
         }
-        let stride = 1 + 2 * m;
-        let vectors = read_values(input, len * dim, f32::from_le_bytes)?;
+        let stride = product(2, m)? + 1;
+        let vectors = read_values(input, product(len, dim)?, f32::from_le_bytes)?;
         let ids = read_values(input, len, i64::from_le_bytes)?;
-        let base_links = read_values(input, len * stride, u32::from_le_bytes)?;
+        let base_links = read_values(input, product(len, stride)?, u32::from_le_bytes)?;
         let upper_start = read_values(input, len, u32::from_le_bytes)?;
         let upper_links = read_values(input, upper_len, u32::from_le_bytes)?;
         let entry = if len == 0 {
@@ -749,6 +755,14 @@ mod tests {
         assert!(matches!(
             FlatGraph::read(&mut bad.as_slice()),
             Err(GraphFileError::Inconsistent("links"))
+        ));
+        // A dimension whose product with the node count wraps to zero.
+        let mut wrapping = bytes.clone();
+        wrapping[12..20].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        assert_eq!(graph.ids.len() % 4, 0, "400 · 2^62 wraps to 0");
+        assert!(matches!(
+            FlatGraph::read(&mut wrapping.as_slice()),
+            Err(GraphFileError::Inconsistent("sizes"))
         ));
         let mut longer = bytes;
         longer.push(0);
