@@ -5,7 +5,7 @@
 //!
 //! hnsw_rs builds the graph, takes inserts and saves it; searches walk a
 //! copy in flat arrays with re-selected links ([`graph`]), made after every
-//! insert (about 25 s per million vectors on two cores) and saved beside
+//! insert (12–25 s per million vectors on two cores) and saved beside
 //! hnsw_rs's files. It searches three to four times as fast as hnsw_rs's
 //! own search of its graph, with a better recall at the same `ef`
 //! (`docs/benchmarks.md`). A process that only searches (the server,
