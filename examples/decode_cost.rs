@@ -1,6 +1,8 @@
 //! Milliseconds per photo spent reading, decoding and resizing, one core:
 //! the CPU the scoring pipeline spends beside the network; then the median
-//! photo and the slowest, as the pipeline prepares them.
+//! photo and the slowest, as the pipeline prepares them. Where the build has
+//! libjpeg-turbo, the same photos also prepared with the pure-Rust decoders,
+//! photo by photo beside it.
 //!
 //!     cargo run --release --example decode_cost -- DIR [MAX_PHOTOS]
 use std::time::Instant;
@@ -20,6 +22,8 @@ fn main() {
     paths.sort();
     paths.truncate(max);
     let (mut read, mut decode, mut resize, mut prepare) = (0.0, 0.0, 0.0, 0.0);
+    let compare = flukeid::photo::JPEG_DECODER != "zune-jpeg";
+    let mut pure_rust = 0.0;
     let mut each = Vec::with_capacity(paths.len());
     for path in &paths {
         let t = Instant::now();
@@ -40,8 +44,17 @@ fn main() {
         prepare += spent;
         assert_eq!(prepared.len(), input.len());
         each.push((spent, path, image.width(), image.height()));
+        if compare {
+            let t = Instant::now();
+            let prepared =
+                flukeid::photo::prepare_pure_rust(&bytes, Default::default(), Default::default())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            pure_rust += t.elapsed().as_secs_f64();
+            assert_eq!(prepared.len(), input.len());
+        }
     }
     let n = paths.len().max(1) as f64;
+    println!("JPEG decoder: {}", flukeid::photo::JPEG_DECODER);
     println!(
         "{} photos: read {:.2} ms, decode {:.2} ms, resize to the input {:.2} ms per photo; \
          both as the pipeline does them (large JPEGs decoded at a reduced scale) {:.2} ms",
@@ -51,6 +64,12 @@ fn main() {
         resize / n * 1e3,
         prepare / n * 1e3
     );
+    if compare {
+        println!(
+            "prepared with the pure-Rust decoders instead: {:.2} ms per photo",
+            pure_rust / n * 1e3
+        );
+    }
     each.sort_by(|a, b| a.0.total_cmp(&b.0));
     if let Some(median) = each.get(each.len() / 2) {
         println!("prepared: median {:.2} ms", median.0 * 1e3);

@@ -219,9 +219,10 @@ pub fn run(
 
     let (b1, b8, req) = (median(single), median(batched), median(requests));
     println!(
-        "flukeid bench: {rounds} interleaved rounds, median, input {input}, {} threads, {} kernels",
+        "flukeid bench: {rounds} interleaved rounds, median, input {input}, {} threads, {} kernels, JPEGs by {}",
         rayon::current_num_threads(),
-        embedder.backbone().isa().name()
+        embedder.backbone().isa().name(),
+        crate::photo::JPEG_DECODER
     );
     println!("embed 224x224 batch 1 {:6.1} ms/image", median(squares));
     println!("embed batch 1      {b1:9.1} ms/image");

@@ -244,6 +244,7 @@ impl Service {
             whales = identifier.whales(),
             threshold = format!("{:.2}", identifier.threshold()),
             backbone_sha256 = %identifier.embedder().fingerprint().backbone_sha256,
+            jpeg_decoder = photo::JPEG_DECODER,
             "ready"
         );
         let _ = self.identifier.set(Arc::new(identifier));
