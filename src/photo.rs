@@ -138,9 +138,7 @@ pub fn prepare(
     limits: DecodeLimits,
     size: InputSize,
 ) -> Result<Vec<f32>, PhotoError> {
-    let least = Some((2 * size.width, 2 * size.height));
-    let pixels = decode_at_least(bytes, limits, least, Decoders::Fastest)?;
-    Ok(pixels_to_chw(&pixels, size))
+    prepare_with(bytes, limits, size, Decoders::Fastest)
 }
 
 /// [`prepare`] with the pure-Rust decoders even where libjpeg-turbo is
@@ -150,8 +148,17 @@ pub fn prepare_pure_rust(
     limits: DecodeLimits,
     size: InputSize,
 ) -> Result<Vec<f32>, PhotoError> {
+    prepare_with(bytes, limits, size, Decoders::PureRust)
+}
+
+fn prepare_with(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    size: InputSize,
+    decoders: Decoders,
+) -> Result<Vec<f32>, PhotoError> {
     let least = Some((2 * size.width, 2 * size.height));
-    let pixels = decode_at_least(bytes, limits, least, Decoders::PureRust)?;
+    let pixels = decode_at_least(bytes, limits, least, decoders)?;
     Ok(pixels_to_chw(&pixels, size))
 }
 
