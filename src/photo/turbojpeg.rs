@@ -1,10 +1,11 @@
 //! JPEG decoding through the system's libjpeg-turbo (its TurboJPEG API),
 //! compiled in when the build finds the library (see `build.rs`).
 //!
-//! It decodes the flukes-dev photos in about 70 % of the time `zune-jpeg`
-//! takes, and it can scale in the DCT by 1/2, 1/4 or 1/8, which skips most
-//! of the inverse transform, upsampling and colour conversion of a photo
-//! larger than the network's input. Anything it declines, fails on or
+//! It decodes faster than `zune-jpeg`, and it can scale in the DCT by 1/2,
+//! 1/4 or 1/8, which skips most of the inverse transform, upsampling and
+//! colour conversion of a photo larger than the network's input: a
+//! flukes-dev photo is prepared in 0.85–0.88 of the time (`decode_cost`,
+//! docs/benchmarks.md). Anything it declines, fails on or
 //! warns about (CMYK, damaged data, a size it cannot hold) goes to the
 //! pure-Rust decoders, which then decode it or word the error; a file
 //! libjpeg-turbo decodes without a warning is accepted even where
