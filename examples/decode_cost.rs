@@ -2,7 +2,9 @@
 //! the CPU the scoring pipeline spends beside the network; then the median
 //! photo and the slowest, as the pipeline prepares them. Where the build has
 //! libjpeg-turbo, the same photos also prepared with the pure-Rust decoders,
-//! photo by photo beside it.
+//! photo by photo beside it. Last, the same photos prepared on every thread
+//! of rayon's pool, in batches of 8 as bulk scoring does and all as one
+//! job, against one core: how much of the pool decoding gets to use.
 //!
 //!     cargo run --release --example decode_cost -- DIR [MAX_PHOTOS]
 use std::time::Instant;
@@ -81,4 +83,37 @@ fn main() {
             path.display()
         );
     }
+
+    // From memory, each timed twice, the faster counting: one core, then
+    // every thread as `score::decode_batches` shares them out, and the
+    // whole folder as one job.
+    use rayon::prelude::*;
+    let bytes: Vec<Vec<u8>> = paths
+        .iter()
+        .map(|p| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .collect();
+    let prepare_one = |b: &Vec<u8>| {
+        let prepared = flukeid::photo::prepare(b, Default::default(), Default::default());
+        std::hint::black_box(prepared.expect("prepared above"));
+    };
+    let prepare_all = |files: &[Vec<u8>]| files.par_iter().for_each(prepare_one);
+    let best = |run: &dyn Fn()| {
+        (0..2)
+            .map(|_| {
+                let t = Instant::now();
+                run();
+                t.elapsed().as_secs_f64() * 1e3 / n
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let batched = best(&|| bytes.chunks(8).for_each(prepare_all));
+    let whole = best(&|| prepare_all(&bytes));
+    let one_core = best(&|| bytes.iter().for_each(prepare_one));
+    println!(
+        "from memory: {one_core:.2} ms per photo on one core; on {} threads \
+         {batched:.2} ms in batches of 8 ({:.2}x), {whole:.2} ms as one job ({:.2}x)",
+        rayon::current_num_threads(),
+        one_core / batched,
+        one_core / whole
+    );
 }
