@@ -3,8 +3,8 @@
 //! photo and the slowest, as the pipeline prepares them. Where the build has
 //! libjpeg-turbo, the same photos also prepared with the pure-Rust decoders,
 //! photo by photo beside it. Last, the same photos prepared on every thread
-//! of rayon's pool, in batches of 8 as bulk scoring does and all as one
-//! job, against one core: how much of the pool decoding gets to use.
+//! of rayon's pool, as bulk scoring prepares them and all as one job,
+//! against one core: how much of the pool decoding gets to use.
 //!
 //!     cargo run --release --example decode_cost -- DIR [MAX_PHOTOS]
 use std::time::Instant;
@@ -84,9 +84,9 @@ fn main() {
         );
     }
 
-    // From memory, each timed twice, the faster counting: one core, then
-    // every thread as `score::decode_batches` shares them out, and the
-    // whole folder as one job.
+    // Each timed twice, the faster counting: one core, from memory; every
+    // thread as bulk scoring prepares them (`score::decode_batches`, which
+    // also reads the files); the whole folder as one job, from memory.
     use rayon::prelude::*;
     let bytes: Vec<Vec<u8>> = paths
         .iter()
@@ -96,7 +96,6 @@ fn main() {
         let prepared = flukeid::photo::prepare(b, Default::default(), Default::default());
         std::hint::black_box(prepared.expect("prepared above"));
     };
-    let prepare_all = |files: &[Vec<u8>]| files.par_iter().for_each(prepare_one);
     let best = |run: &dyn Fn()| {
         (0..2)
             .map(|_| {
@@ -106,14 +105,31 @@ fn main() {
             })
             .fold(f64::INFINITY, f64::min)
     };
-    let batched = best(&|| bytes.chunks(8).for_each(prepare_all));
-    let whole = best(&|| prepare_all(&bytes));
+    let names: Vec<String> = paths
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .expect("a file")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     let one_core = best(&|| bytes.iter().for_each(prepare_one));
+    let pipeline = best(&|| {
+        let dir = std::path::Path::new(&dir);
+        let input = Default::default();
+        flukeid::score::decode_batches(dir, &names, 8, Default::default(), input, |_, inputs| {
+            std::hint::black_box(inputs);
+            Ok(())
+        })
+        .expect("prepared above");
+    });
+    let whole = best(&|| bytes.par_iter().for_each(prepare_one));
     println!(
-        "from memory: {one_core:.2} ms per photo on one core; on {} threads \
-         {batched:.2} ms in batches of 8 ({:.2}x), {whole:.2} ms as one job ({:.2}x)",
+        "from memory: {one_core:.2} ms per photo on one core; on {} threads {pipeline:.2} ms \
+         as bulk scoring prepares them ({:.2}x), {whole:.2} ms as one job ({:.2}x)",
         rayon::current_num_threads(),
-        one_core / batched,
+        one_core / pipeline,
         one_core / whole
     );
 }

@@ -13,7 +13,8 @@
 #
 # VECTORS (default 100000, about 3 minutes) sizes the index benchmark; the
 # published table used 1000000 (about 32 minutes on 2 cores). The whole
-# run with the default takes about 7 minutes on 2 cores. Photos:
+# run with the default takes 5-7 minutes on a quiet 2-core machine and
+# leaves about 380 MB in target/bench-index. Photos:
 # ../shared/data/flukes-dev (or $FLUKEID_FLUKES_DEV) when it is there (bulk
 # scoring on train/, the load test against a catalog of train/ with one
 # test/ photo); otherwise generated JPEGs (bench's own, and 33 made with
@@ -96,4 +97,4 @@ awk -v b1="$b1" '
 
 echo
 echo "## 4. HNSW index against hnswlib, $vectors vectors"
-nice -n 19 scripts/bench-index.sh "$vectors"
+RUST_LOG=warn nice -n 19 scripts/bench-index.sh "$vectors"

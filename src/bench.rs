@@ -190,6 +190,7 @@ pub fn run(
     let (mut single, mut batched, mut requests) = (Vec::new(), Vec::new(), Vec::new());
     let mut squares = Vec::new();
     let (mut bare, mut piped, mut prepare) = (Vec::new(), Vec::new(), Vec::new());
+    let mut piped_preparing = Vec::new();
     for _ in 0..rounds {
         let t = Instant::now();
         square.embed_inputs(&square_input)?;
@@ -219,13 +220,19 @@ pub fn run(
         bare.push(decoded.len() as f64 / t.elapsed().as_secs_f64());
 
         let t = Instant::now();
+        let mut embedding = 0.0;
         score::decode_batches(&photo_dir, &names, BATCH, limits, input, |_, inputs| {
-            embedder
+            let t = Instant::now();
+            let done = embedder
                 .embed_inputs(&inputs)
                 .map(drop)
-                .map_err(|e| score::ScoreError::from(crate::identify::IdentifyError::from(e)))
+                .map_err(|e| score::ScoreError::from(crate::identify::IdentifyError::from(e)));
+            embedding += t.elapsed().as_secs_f64();
+            done
         })?;
-        piped.push(names.len() as f64 / t.elapsed().as_secs_f64());
+        let spent = t.elapsed().as_secs_f64();
+        piped.push(names.len() as f64 / spent);
+        piped_preparing.push((spent - embedding) * 1e3 / names.len() as f64);
 
         // The same photos read and prepared one after another on this
         // thread: the core time bulk scoring spends beside the network.
@@ -262,9 +269,15 @@ pub fn run(
         names.len(),
         bulk_photos.map_or("synthetic 1050x700 JPEGs".to_owned(), |p| p.display().to_string())
     );
+    let threads = rayon::current_num_threads();
     println!(
         "preparing a photo {prepare:6.2} ms on one core; with the network on every core, the most bulk scoring can reach is about {:.2}x",
-        prepare_bound(bare, prepare, rayon::current_num_threads())
+        prepare_bound(bare, prepare, threads)
+    );
+    let piped_preparing = median(piped_preparing);
+    println!(
+        "  in bulk scoring, preparing took {piped_preparing:.2} ms a photo on {threads} threads ({:.2}x one core)",
+        prepare / piped_preparing
     );
     let kind = |f: fn(&LayerTimes) -> f64| median(layers.iter().map(f).collect());
     println!(

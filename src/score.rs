@@ -108,15 +108,21 @@ pub fn list_images(dir: &Path) -> Result<Vec<String>, ScoreError> {
     Ok(names)
 }
 
-/// Reads, decodes and resizes photos to `input` on rayon's pool, a batch
-/// at a time, calling `each` with batches of up to `batch` prepared inputs
-/// (see [`photo::to_chw`]) in name order. Stops at the first photo that
-/// cannot be read.
+/// Batches decoded per turn in [`decode_batches`].
+const TURN_BATCHES: usize = 4;
+
+/// Reads, decodes and resizes photos to `input` on rayon's pool, calling
+/// `each` with batches of up to `batch` prepared inputs (see
+/// [`photo::to_chw`]) in name order. Stops at the first photo, in name
+/// order, that cannot be read.
 ///
 /// Decoding does not overlap with `each`: the network already keeps every
 /// core busy, so decoding on other threads meanwhile only takes cores from
 /// the network's team (it measured no faster than taking turns, on 2 cores,
-/// `docs/benchmarks.md`), and taking turns is simpler.
+/// `docs/benchmarks.md`). A turn prepares [`TURN_BATCHES`] batches, largest
+/// file first and one photo per task: a turn ends when its last photo is
+/// done, and a large photo started last would keep one thread on it while
+/// the others wait, once per turn.
 pub fn decode_batches<F>(
     dir: &Path,
     names: &[String],
@@ -129,20 +135,32 @@ where
     F: FnMut(&[String], Vec<Vec<f32>>) -> Result<(), ScoreError>,
 {
     use rayon::prelude::*;
-    for chunk in names.chunks(batch.max(1)) {
-        let inputs = chunk
+    let batch = batch.max(1);
+    let prepare = |name: &String| {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(|source| ScoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        photo::prepare(&bytes, limits, input).map_err(|source| ScoreError::Photo { path, source })
+    };
+    for turn in names.chunks(batch * TURN_BATCHES) {
+        let size = |name: &String| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+        let mut order: Vec<(u64, usize)> = turn.iter().map(size).zip(0..).collect();
+        order.sort_by(|a, b| b.cmp(a));
+        let mut prepared: Vec<(usize, Result<Vec<f32>, ScoreError>)> = order
             .par_iter()
-            .map(|name| {
-                let path = dir.join(name);
-                let bytes = std::fs::read(&path).map_err(|source| ScoreError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                photo::prepare(&bytes, limits, input)
-                    .map_err(|source| ScoreError::Photo { path, source })
-            })
-            .collect::<Result<Vec<_>, ScoreError>>()?;
-        each(chunk, inputs)?;
+            .with_max_len(1)
+            .map(|&(_, i)| (i, prepare(&turn[i])))
+            .collect();
+        prepared.sort_by_key(|&(i, _)| i);
+        let mut inputs = prepared
+            .into_iter()
+            .map(|(_, input)| input)
+            .collect::<Result<Vec<_>, _>>()?;
+        for names in turn.chunks(batch) {
+            each(names, inputs.drain(..names.len()).collect())?;
+        }
     }
     Ok(())
 }
@@ -367,6 +385,93 @@ pub fn read_submission(path: &Path) -> Result<HashMap<String, Vec<String>>, Scor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `count` noise PNGs `p00.png`, `p01.png`, … whose sizes do not grow
+    /// with the name, so largest-first is not name order.
+    fn noise_photos(dir: &Path, count: u32) -> Vec<String> {
+        let mut state = 12345u32;
+        let names: Vec<String> = (0..count).map(|i| format!("p{i:02}.png")).collect();
+        for (i, name) in (0..count).zip(&names) {
+            let (width, height) = (40 + (i * 7 % count) * 12, 30 + i % 3 * 10);
+            let image = image::RgbImage::from_fn(width, height, |_, _| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                image::Rgb([(state >> 24) as u8, (state >> 16) as u8, (state >> 8) as u8])
+            });
+            image.save(dir.join(name)).unwrap();
+        }
+        names
+    }
+
+    fn size_of(dir: &Path, name: &str) -> u64 {
+        std::fs::metadata(dir.join(name)).unwrap().len()
+    }
+
+    const SMALL: InputSize = InputSize {
+        width: 64,
+        height: 32,
+    };
+
+    #[test]
+    fn batches_come_in_name_order_whatever_order_the_photos_decode_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = noise_photos(dir.path(), 11);
+        let sizes: Vec<u64> = names.iter().map(|n| size_of(dir.path(), n)).collect();
+        assert!(sizes.windows(2).any(|w| w[0] < w[1]) && sizes.windows(2).any(|w| w[0] > w[1]));
+        let mut seen = Vec::new();
+        decode_batches(
+            dir.path(),
+            &names,
+            2,
+            DecodeLimits::default(),
+            SMALL,
+            |chunk, inputs| {
+                seen.push((chunk.to_vec(), inputs));
+                Ok(())
+            },
+        )
+        .unwrap();
+        // Batches of 2 in name order, across turns of 4 batches.
+        let expected: Vec<Vec<String>> = names.chunks(2).map(<[String]>::to_vec).collect();
+        assert_eq!(
+            seen.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+            expected
+        );
+        for (chunk, inputs) in &seen {
+            assert_eq!(chunk.len(), inputs.len());
+            for (name, input) in chunk.iter().zip(inputs) {
+                let bytes = std::fs::read(dir.path().join(name)).unwrap();
+                let alone = photo::prepare(&bytes, DecodeLimits::default(), SMALL).unwrap();
+                assert!(input == &alone, "{name}: not its own input");
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_bad_photo_in_name_order_is_reported_even_if_another_fails_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = noise_photos(dir.path(), 6);
+        // p04 is the larger of the two, so it is decoded before p02.
+        std::fs::write(dir.path().join("p02.png"), b"not a photo").unwrap();
+        std::fs::write(dir.path().join("p04.png"), vec![b'x'; 100_000]).unwrap();
+        let mut batches = 0;
+        let result = decode_batches(
+            dir.path(),
+            &names,
+            2,
+            DecodeLimits::default(),
+            SMALL,
+            |_, _| {
+                batches += 1;
+                Ok(())
+            },
+        );
+        match result {
+            Err(ScoreError::Photo { path, .. }) => assert!(path.ends_with("p02.png"), "{path:?}"),
+            other => panic!("expected p02.png's error, got {other:?}"),
+        }
+        // All six are one turn, which fails before handing any batch over.
+        assert_eq!(batches, 0);
+    }
 
     fn q(p: &[&str], t: &str) -> (Vec<String>, String) {
         (p.iter().map(|s| s.to_string()).collect(), t.to_owned())
