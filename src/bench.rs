@@ -1,11 +1,11 @@
 //! `flukeid bench`: milliseconds per image for the embedding at batch 1
 //! and batch 8, the latency of one identify request through the HTTP
-//! service, and bulk scoring (reading, decoding and resizing a batch of
-//! photos on every thread, then embedding it) against embedding the same
-//! photos already decoded, with the most bulk scoring can reach given what
-//! preparing a photo costs; measured in interleaved rounds so that a slow
-//! stretch of the machine hits every figure alike. Nothing here asserts a
-//! time.
+//! service, and bulk scoring (`score::decode_batches`: reading, decoding
+//! and resizing a few batches of photos on every thread, then embedding
+//! them) against embedding the same photos already decoded, with the most
+//! bulk scoring can reach given what preparing a photo costs; measured in
+//! interleaved rounds so that a slow stretch of the machine hits every
+//! figure alike. Nothing here asserts a time.
 
 use std::path::Path;
 use std::time::Instant;
