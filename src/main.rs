@@ -51,7 +51,9 @@ enum Command {
     Calibrate(CalibrateArgs),
     /// Convert the published PyTorch checkpoint into models/.
     ConvertWeights(ConvertArgs),
-    /// Time the embedding and one identify request.
+    /// Time the embedding (batch 1 and 8), one identify request, bulk
+    /// scoring against bare embedding with the ceiling that preparing
+    /// photos sets, and the batch-1 pass by kind of layer.
     Bench(BenchArgs),
     /// Measure the HNSW index on a synthetic catalog; writes the data for
     /// bench/hnswlib_peer.py.
