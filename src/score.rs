@@ -108,6 +108,22 @@ pub fn list_images(dir: &Path) -> Result<Vec<String>, ScoreError> {
     Ok(names)
 }
 
+/// Reads photo `name` in `dir` and prepares it for the network (see
+/// [`photo::prepare`]); errors name the file.
+pub fn prepare_file(
+    dir: &Path,
+    name: &str,
+    limits: DecodeLimits,
+    input: InputSize,
+) -> Result<Vec<f32>, ScoreError> {
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).map_err(|source| ScoreError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    photo::prepare(&bytes, limits, input).map_err(|source| ScoreError::Photo { path, source })
+}
+
 /// Batches decoded per turn in [`decode_batches`].
 const TURN_BATCHES: usize = 4;
 
@@ -136,14 +152,6 @@ where
 {
     use rayon::prelude::*;
     let batch = batch.max(1);
-    let prepare = |name: &String| {
-        let path = dir.join(name);
-        let bytes = std::fs::read(&path).map_err(|source| ScoreError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        photo::prepare(&bytes, limits, input).map_err(|source| ScoreError::Photo { path, source })
-    };
     for turn in names.chunks(batch * TURN_BATCHES) {
         let size = |name: &String| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
         let mut order: Vec<(u64, usize)> = turn.iter().map(size).zip(0..).collect();
@@ -151,7 +159,7 @@ where
         let mut prepared: Vec<(usize, Result<Vec<f32>, ScoreError>)> = order
             .par_iter()
             .with_max_len(1)
-            .map(|&(_, i)| (i, prepare(&turn[i])))
+            .map(|&(_, i)| (i, prepare_file(dir, &turn[i], limits, input)))
             .collect();
         prepared.sort_by_key(|&(i, _)| i);
         let mut inputs = prepared
